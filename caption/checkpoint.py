@@ -1,0 +1,102 @@
+"""Checkpoints: written atomically, read with `weights_only=True`, enough to caption alone.
+
+A checkpoint is a plain dict of tensors and primitives: the weights, the optimizer state,
+the resolved config and the vocabulary, plus training progress. Nothing is pickled as code,
+so loading a file from elsewhere cannot run anything.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from caption.data.vocab import Vocabulary
+from caption.errors import CaptionError
+from caption.models.captioner import Captioner
+
+FORMAT = "caption-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | Path, **content: Any) -> None:
+    """Write `content` plus the format marker to `path` atomically.
+
+    The file is written beside its destination and renamed over it, so a crash mid-write
+    leaves the previous checkpoint intact rather than a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **content}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely and check that it is one of ours.
+
+    Raises:
+        CaptionError: the file is missing, unreadable, or not a caption checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionError(f"checkpoint: {path} does not exist; pass checkpoint=<run dir>/"
+                           "checkpoints/best.pt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for foreign or corrupt files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptionError(f"checkpoint: {path} is not a caption checkpoint and cannot be read "
+                           f"safely ({reason[:160]}); pass a file written by caption-train") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CaptionError(f"checkpoint: {path} is not a caption checkpoint (no '{FORMAT}' "
+                           "marker); pass a file written by caption-train")
+    if ckpt.get("version", 0) > VERSION:
+        raise CaptionError(f"checkpoint: {path} has format version {ckpt['version']}, newer "
+                           f"than this caption ({VERSION}); upgrade caption to read it")
+    return ckpt
+
+
+def build_model(model_cfg: DictConfig, vocab_size: int, from_checkpoint: bool = False) -> Captioner:
+    """Instantiate the `model` config group.
+
+    Args:
+        model_cfg: the `model` node.
+        vocab_size: V.
+        from_checkpoint: weights will be loaded next, so skip fetching pretrained ones.
+    """
+    if from_checkpoint:
+        model_cfg = OmegaConf.merge(model_cfg, {"encoder": {"pretrained": False,
+                                                            "weights_path": None}})
+    return instantiate(model_cfg, vocab_size=vocab_size)
+
+
+def load_captioner(path: str | Path, device: str | torch.device = "cpu"
+                   ) -> tuple[Captioner, Vocabulary, DictConfig]:
+    """Rebuild the model from a checkpoint alone, ready for inference.
+
+    Returns:
+        The model in eval mode on `device`, its vocabulary and its training config.
+    """
+    ckpt = load_checkpoint(path, map_location=device)
+    cfg = OmegaConf.create(ckpt["config"])
+    vocab = Vocabulary(ckpt["vocab"])
+    model = build_model(cfg.model, len(vocab), from_checkpoint=True)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CaptionError(f"checkpoint: {path}: weights do not fit the model its config "
+                           f"describes ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), vocab, cfg

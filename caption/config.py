@@ -1,0 +1,87 @@
+"""Checks on config values that Hydra cannot type-check, each failing with one clear line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from caption.errors import CaptionError
+from caption.models.captioner import STRATEGIES
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise CaptionError(f"config: {key} must be {expected}, got {value!r}; "
+                       f"override it with {key}=<value>")
+
+
+def check_int(cfg: DictConfig, key: str, minimum: int = 0, optional: bool = False) -> None:
+    """`cfg[key]` is an int >= minimum (or None when optional)."""
+    value = cfg[key.split(".")[-1]]
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, value, f"an integer >= {minimum}" + (" or null" if optional else ""))
+
+
+def check_float(cfg: DictConfig, key: str, minimum: float = 0.0, optional: bool = False) -> None:
+    """`cfg[key]` is a number >= minimum (or None when optional)."""
+    value = cfg[key.split(".")[-1]]
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        _fail(key, value, f"a number >= {minimum}" + (" or null" if optional else ""))
+
+
+def check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
+    """`cfg[key]` is one of `choices`."""
+    value = cfg[key.split(".")[-1]]
+    if value not in choices:
+        _fail(key, value, f"one of {', '.join(choices)}")
+
+
+def check_decoding(cfg: DictConfig, prefix: str = "") -> None:
+    """The decoding options shared by training validation, generate and evaluate."""
+    check_choice(cfg, f"{prefix}strategy", STRATEGIES)
+    check_int(cfg, f"{prefix}beam_size", 1)
+    check_int(cfg, f"{prefix}max_len", 1)
+    check_int(cfg, f"{prefix}batch_size", 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; anything else must be a device torch knows and has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CaptionError(f"config: device {name!r} is not a torch device; use auto, cpu or "
+                           "cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CaptionError(f"config: device {name!r} asked for, but CUDA is not available here; "
+                           "use device=cpu or device=auto")
+    return device
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Fail early, before any data is read, on values that would fail late."""
+    t, d = cfg.trainer, cfg.data
+    check_int(t, "trainer.max_epochs", 1)
+    check_int(t, "trainer.max_steps", 1, optional=True)
+    check_int(t, "trainer.seed", 0)
+    check_float(t, "trainer.grad_clip", 0.0, optional=True)
+    check_int(t, "trainer.patience", 1, optional=True)
+    check_int(t, "trainer.val_max_images", 1, optional=True)
+    check_decoding(t.val, "trainer.val.")
+    check_int(d, "data.image_size", 16)
+    check_int(d, "data.batch_size", 1)
+    check_int(d, "data.min_count", 1)
+    check_int(d, "data.vocab_size", 5, optional=True)
+    check_int(d, "data.max_caption_len", 1, optional=True)
+    check_int(d, "data.num_workers", 0)
+    check_float(cfg.model, "model.dropout", 0.0)
+    if cfg.model.dropout >= 1:
+        _fail("model.dropout", cfg.model.dropout, "in [0, 1)")
+    check_float(cfg.model, "model.doubly_stochastic", 0.0)
+    check_choice(cfg.model, "model.deep_output_activation", ("none", "tanh"))

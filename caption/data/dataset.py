@@ -1,0 +1,117 @@
+"""Torch datasets over Karpathy records: caption pairs for training, images for decoding."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+
+from caption.data.images import load_image
+from caption.data.karpathy import ImageRecord
+from caption.data.vocab import PAD_ID, Vocabulary
+from caption.errors import CaptionError
+
+log = logging.getLogger(__name__)
+
+
+class ImageBank:
+    """Images of a list of records as uint8 (3, S, S) tensors, preloaded or read lazily.
+
+    Preloading reads every file once, reports each bad one and drops it, so that a corrupt file
+    costs one warning, not the run. The shapes set (64 px) fits in memory many times over.
+
+    Args:
+        records: the images to serve.
+        image_size: the square side the model sees.
+        preload: read every image into memory now.
+        workers: threads for preloading; PIL decoding releases the GIL.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], image_size: int, preload: bool = True,
+                 workers: int = 4) -> None:
+        self.image_size = image_size
+        self.pixels: torch.Tensor | None = None
+        if preload:
+            with ThreadPoolExecutor(workers) as pool:
+                loaded = list(pool.map(self._try_load, records))
+            bad = [r for r, x in zip(records, loaded, strict=True) if x is None]
+            if bad:
+                log.warning("skipped %d unreadable image(s) of %d", len(bad), len(records))
+            self.records = [r for r, x in zip(records, loaded, strict=True) if x is not None]
+            good = [x for x in loaded if x is not None]
+            self.pixels = torch.stack(good) if good else torch.empty(0, 3, image_size, image_size,
+                                                                     dtype=torch.uint8)
+        else:
+            missing = [r for r in records if not r.path.is_file()]
+            for r in missing:
+                log.warning("%s: no such image file; skipped", r.path)
+            self.records = [r for r in records if r.path.is_file()]
+
+    def _try_load(self, record: ImageRecord) -> torch.Tensor | None:
+        try:
+            return load_image(record.path, self.image_size)
+        except CaptionError as e:
+            log.warning("%s; skipped", e)
+            return None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.pixels is not None:
+            return self.pixels[i]
+        return load_image(self.records[i].path, self.image_size)
+
+
+class CaptionBatch(NamedTuple):
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    captions: torch.Tensor  # (B, T) <start> w_1 .. w_n <end> <pad>...
+    lengths: torch.Tensor  # (B,) tokens including <start> and <end>
+
+
+class CaptionDataset(Dataset):
+    """One item per (image, reference caption) pair, for teacher-forced training.
+
+    Args:
+        bank: the images.
+        vocab: maps tokens to ids.
+        max_len: truncate captions to this many words (None keeps all).
+    """
+
+    def __init__(self, bank: ImageBank, vocab: Vocabulary, max_len: int | None = None) -> None:
+        self.bank = bank
+        self.pairs = [(i, torch.tensor(vocab.encode(c[:max_len]), dtype=torch.long))
+                      for i, r in enumerate(bank.records) for c in r.captions]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i, ids = self.pairs[k]
+        return self.bank[i], ids
+
+
+def collate_captions(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> CaptionBatch:
+    """Stack images and right-pad captions with `<pad>` to the longest in the batch."""
+    images, captions = zip(*batch, strict=True)
+    lengths = torch.tensor([len(c) for c in captions])
+    return CaptionBatch(torch.stack(images), pad_sequence(captions, batch_first=True,
+                                                          padding_value=PAD_ID), lengths)
+
+
+class ImageDataset(Dataset):
+    """One item per image, for decoding: (image, index into `bank.records`)."""
+
+    def __init__(self, bank: ImageBank) -> None:
+        self.bank = bank
+
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.bank[i], i

@@ -1,0 +1,76 @@
+"""`caption-generate`: caption image files with a trained checkpoint, as JSON Lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from caption.checkpoint import load_captioner
+from caption.config import check_decoding, check_float, resolve_device
+from caption.data.images import expand_images, load_image
+from caption.errors import CaptionError, cli_guard
+
+log = logging.getLogger(__name__)
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    """Caption every image `cfg.images` names; bad files are reported and skipped.
+
+    Each output line is `{"image": path, "caption": str, "log_prob": float}`.
+
+    Returns:
+        `{"captioned": n, "failed": [paths]}`.
+    """
+    check_decoding(cfg)
+    check_float(cfg, "temperature", 1e-6)
+    device = resolve_device(cfg.device)
+    model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
+    files = expand_images(cfg.images)
+    size = train_cfg.data.image_size
+    captioned, failed = 0, []
+    sink = open(cfg.output, "w") if cfg.output else nullcontext(sys.stdout)  # noqa: SIM115
+    with sink as out:
+        for start in range(0, len(files), cfg.batch_size):
+            images, good = [], []
+            for path in files[start : start + cfg.batch_size]:
+                try:
+                    images.append(load_image(path, size))
+                    good.append(path)
+                except CaptionError as e:  # one bad file must not cost the others
+                    print(f"error: {e}; skipped", file=sys.stderr, flush=True)
+                    failed.append(str(path))
+            if not images:
+                continue
+            gen = model.generate(torch.stack(images).to(device), strategy=cfg.strategy,
+                                 beam_size=cfg.beam_size, max_len=cfg.max_len,
+                                 temperature=cfg.temperature)
+            for path, tokens, log_prob in zip(good, gen.tokens.tolist(), gen.log_probs.tolist(),
+                                              strict=True):
+                line = {"image": str(path), "caption": " ".join(vocab.decode(tokens)),
+                        "log_prob": round(log_prob, 4)}
+                out.write(json.dumps(line) + "\n")
+            out.flush()
+            captioned += len(good)
+    log.info("captioned %d image(s)%s%s", captioned, f", {len(failed)} failed" if failed else "",
+             f"; wrote {Path(cfg.output)}" if cfg.output else "")
+    return {"captioned": captioned, "failed": failed}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@cli_guard
+def main(cfg: DictConfig) -> None:
+    result = generate(cfg)
+    if result["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""`caption-train`: teacher-forced training, validation by real decoding, early stopping.
+
+`train(cfg)` does the work and is what tests call; `main` is the Hydra wrapper.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
+from caption.config import check_train_config, resolve_device
+from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
+from caption.data.karpathy import read_karpathy
+from caption.data.vocab import Vocabulary
+from caption.errors import CaptionError, cli_guard
+from caption.inference import score_bank
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _absolute_data_paths(cfg: DictConfig) -> None:
+    """Store data paths absolutely, so that a checkpoint evaluates from any working dir."""
+    for key in ("annotations", "images"):
+        if cfg.data.get(key):
+            cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train a captioner as `cfg` says; return a summary of the run.
+
+    Writes `<run_dir>/checkpoints/{last,best}.pt` and appends one JSON line per epoch to
+    `<run_dir>/metrics.jsonl`.
+    """
+    check_train_config(cfg)
+    device = resolve_device(cfg.trainer.device)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    _absolute_data_paths(cfg)
+    seed_everything(cfg.trainer.seed)
+
+    splits = read_karpathy(cfg.data.annotations, cfg.data.images)
+    if not splits["train"]:
+        raise CaptionError(f"data.annotations: {cfg.data.annotations} has no train images")
+    vocab = Vocabulary.build((c for r in splits["train"] for c in r.captions),
+                             min_count=cfg.data.min_count, max_size=cfg.data.vocab_size)
+    size, preload = cfg.data.image_size, cfg.data.preload
+    train_bank = ImageBank(splits["train"], size, preload)
+    val_bank = ImageBank(splits["val"][: cfg.trainer.val_max_images], size, preload)
+    train_set = CaptionDataset(train_bank, vocab, cfg.data.max_caption_len)
+    log.info("data: %d train images (%d captions), %d val images, vocabulary %d words",
+             len(train_bank), len(train_set), len(val_bank), len(vocab))
+    loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True,
+                        collate_fn=collate_captions, num_workers=cfg.data.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.trainer.seed))
+
+    model = build_model(cfg.model, len(vocab)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = instantiate(cfg.optimizer)(params=params)
+    n_params = sum(p.numel() for p in params)
+    log.info("model: %s trainable parameters, device %s", f"{n_params:,}", device)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    progress = {"epoch": 0, "step": 0, "best_bleu4": -1.0, "best_epoch": -1, "bad_epochs": 0}
+    if cfg.trainer.resume and (ckpt_dir / "last.pt").is_file():
+        ckpt = load_checkpoint(ckpt_dir / "last.pt", map_location=device)
+        if ckpt["vocab"] != vocab.itos:
+            raise CaptionError(f"trainer.resume: {ckpt_dir / 'last.pt'} was trained with another "
+                               "vocabulary; resume with the same data, or start a new run dir")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        progress = ckpt["progress"]
+        torch.set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at epoch %d, step %d", ckpt_dir / "last.pt",
+                 progress["epoch"], progress["step"])
+
+    t = cfg.trainer
+    metrics_file = run_dir / "metrics.jsonl"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_seconds, train_images = 0.0, 0
+    stop = False
+    while progress["epoch"] < t.max_epochs and not stop:
+        epoch = progress["epoch"] + 1
+        model.train()
+        sums = {"loss": 0.0, "nll": 0.0, "attention_reg": 0.0}
+        n_batches, epoch_images, start = 0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not t.progress, leave=False,
+                   mininterval=1.0, unit="batch")
+        for images, captions, _ in bar:
+            images, captions = images.to(device), captions.to(device)
+            losses = model.loss(images, captions)
+            optimizer.zero_grad(set_to_none=True)
+            losses.loss.backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            optimizer.step()
+            for k in sums:
+                sums[k] += getattr(losses, k).item()
+            n_batches += 1
+            epoch_images += len(images)
+            progress["step"] += 1
+            speed = epoch_images / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses.loss.item():.3f}", img_s=f"{speed:.0f}", refresh=False)
+            if t.max_steps and progress["step"] >= t.max_steps:
+                stop = True
+                break
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+        train_images += epoch_images
+        progress["epoch"] = epoch
+
+        row: dict[str, Any] = {"epoch": epoch, "step": progress["step"],
+                               **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()},
+                               "images_per_sec": epoch_images / seconds, "epoch_seconds": seconds}
+        if len(val_bank):
+            val, _ = score_bank(model, val_bank, vocab, device=device, **t.val)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            improved = val["bleu4"] > progress["best_bleu4"]
+        else:  # no val split: the latest model is the best we know
+            improved = True
+        if improved:
+            progress.update(best_bleu4=row.get("val_bleu4", -1.0), best_epoch=epoch, bad_epochs=0)
+        else:
+            progress["bad_epochs"] += 1
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("epoch %d step %d: loss %.4f, val BLEU-4 %s, %.0f images/s%s", epoch,
+                 progress["step"], row["train_loss"],
+                 f"{row['val_bleu4']:.4f}" if "val_bleu4" in row else "n/a",
+                 row["images_per_sec"], " (best)" if improved else "")
+
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "config": config, "vocab": vocab.itos, "progress": progress,
+                 "rng": torch.get_rng_state(), "metrics": row}
+        save_checkpoint(ckpt_dir / "last.pt", **state)
+        if improved:
+            save_checkpoint(ckpt_dir / "best.pt", **state)
+        if t.patience and progress["bad_epochs"] >= t.patience:
+            log.info("early stopping: no val BLEU-4 gain in %d epochs", t.patience)
+            stop = True
+
+    summary = {"run_dir": str(run_dir), "epochs": progress["epoch"], "steps": progress["step"],
+               "best_epoch": progress["best_epoch"], "best_val_bleu4": progress["best_bleu4"],
+               "train_seconds": train_seconds,
+               "images_per_sec": train_images / train_seconds if train_seconds else 0.0,
+               "parameters": n_params}
+    log.info("done: %s", json.dumps(summary))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@cli_guard
+def main(cfg: DictConfig) -> float:
+    summary = train(cfg)
+    return summary["best_val_bleu4"]  # what a Hydra sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()
