@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from nltk.translate.bleu_score import corpus_bleu
@@ -26,6 +27,8 @@ def bleu(references: Sequence[Sequence[Sequence[str]]],
     if not hypotheses:
         return {f"bleu{n}": 0.0 for n in range(1, 5)}
     # No smoothing: a BLEU-4 of 0 with no 4-gram match is what papers report.
-    scores = corpus_bleu([list(map(list, refs)) for refs in references],
-                         [list(h) for h in hypotheses], weights=_BLEU_WEIGHTS)
+    with warnings.catch_warnings():  # nltk warns on every zero n-gram count
+        warnings.simplefilter("ignore", UserWarning)
+        scores = corpus_bleu([list(map(list, refs)) for refs in references],
+                             [list(h) for h in hypotheses], weights=_BLEU_WEIGHTS)
     return {f"bleu{n}": float(s) for n, s in enumerate(scores, start=1)}

@@ -1,0 +1,28 @@
+"""BLEU against all references, each image once."""
+
+from __future__ import annotations
+
+import pytest
+
+from caption.metrics import bleu
+
+
+def test_perfect_match_scores_one() -> None:
+    refs = [[["a", "red", "circle", "on", "the", "left"]], [["a", "small", "blue", "square", "here"]]]
+    hyps = [r[0] for r in refs]
+    assert bleu(refs, hyps) == pytest.approx({f"bleu{n}": 1.0 for n in range(1, 5)})
+
+
+def test_scores_against_every_reference() -> None:
+    refs = [[["a", "blue", "square", "on", "the", "left"], ["a", "red", "circle", "on", "the", "right"]]]
+    assert bleu(refs, [refs[0][1]])["bleu4"] == pytest.approx(1.0)  # matching any one reference
+    partial = bleu(refs, [["a", "red", "circle", "on", "the", "top"]])
+    assert 0 < partial["bleu4"] < partial["bleu1"] < 1
+
+
+def test_no_smoothing_and_length_checks() -> None:
+    shuffled = bleu([[["a", "b", "c", "d"]]], [["d", "c", "b", "a"]])
+    assert shuffled["bleu1"] == pytest.approx(1.0)
+    assert shuffled["bleu4"] == pytest.approx(0.0, abs=1e-100)  # no 4-gram match, no smoothing
+    with pytest.raises(ValueError):
+        bleu([[["a"]]], [])

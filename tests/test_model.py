@@ -1,0 +1,183 @@
+"""The captioner on tiny tensors: gradients, the loss, overfitting, and decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from caption.checkpoint import build_model
+from caption.data.vocab import END_ID, PAD_ID, START_ID
+from caption.models.captioner import Captioner
+from tests.conftest import TINY_MODEL, compose_config
+
+V = 20
+
+
+def tiny_model(*overrides: str, seed: int = 0) -> Captioner:
+    torch.manual_seed(seed)
+    cfg = compose_config("train", [*TINY_MODEL, *overrides])
+    return build_model(cfg.model, vocab_size=V)
+
+
+def random_batch(B: int = 4, T: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (B, 3, 64, 64), dtype=torch.uint8, generator=g)
+    captions = torch.randint(4, V, (B, T), generator=g)
+    captions[:, 0] = START_ID
+    lengths = torch.randint(3, T + 1, (B,), generator=g)
+    lengths[0] = T
+    for b, n in enumerate(lengths.tolist()):
+        captions[b, n - 1] = END_ID
+        captions[b, n:] = PAD_ID
+    return images, captions
+
+
+VARIANTS = [
+    [],
+    ["model.gate=false"],
+    ["model.deep_output=false"],
+    ["model.deep_output_activation=tanh"],
+    ["model.init_from_mean=false"],
+    ["model.doubly_stochastic=0"],
+    ["model.dropout=0"],
+    ["model.score.activation=relu"],
+    ["model.encoder.coord_channels=false"],
+]
+
+
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(o) or "default")
+def test_forward_backward(overrides: list[str]) -> None:
+    model = tiny_model(*overrides)
+    images, captions = random_batch()
+    logits, alphas = model(images, captions)
+    B, T = captions.shape
+    L = 8 * 8  # 64 px through the small CNN
+    assert logits.shape == (B, T - 1, V) and alphas.shape == (B, T - 1, L)
+    assert torch.allclose(alphas.sum(-1), torch.ones(B, T - 1), atol=1e-5)
+    losses = model.loss(images, captions)
+    assert torch.isfinite(losses.loss)
+    losses.loss.backward()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
+
+
+def test_loss_ignores_padding() -> None:
+    model = tiny_model().eval()
+    images, captions = random_batch()
+    padded = torch.cat([captions, torch.full((len(captions), 3), PAD_ID)], dim=1)
+    a, b = model.loss(images, captions), model.loss(images, padded)
+    assert torch.allclose(a.nll, b.nll, atol=1e-6)
+    assert torch.allclose(a.attention_reg, b.attention_reg, atol=1e-5)
+
+
+def test_doubly_stochastic_weight_scales_the_penalty() -> None:
+    images, captions = random_batch()
+    off = tiny_model("model.doubly_stochastic=0").eval().loss(images, captions)
+    on = tiny_model("model.doubly_stochastic=2.5").eval().loss(images, captions)
+    assert torch.allclose(off.loss, off.nll)
+    assert torch.allclose(on.loss, on.nll + 2.5 * on.attention_reg)
+    assert on.attention_reg > 0
+
+
+def test_overfits_one_batch() -> None:
+    model = tiny_model("model.dropout=0", "model.doubly_stochastic=0")
+    images, captions = random_batch(B=6, T=8, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(200):
+        loss = model.loss(images, captions).nll
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 2.5 and loss.item() < 0.05, (first, loss.item())
+    # ...and decoding reproduces the memorised captions word for word.
+    gen = model.eval().generate(images, strategy="greedy", max_len=8)
+    for b in range(len(images)):
+        n = int((captions[b] != PAD_ID).sum()) - 1
+        assert gen.tokens[b, :n].tolist() == captions[b, 1 : n + 1].tolist()
+
+
+def sequence_log_prob(model: Captioner, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens | image) under teacher forcing, `<end>` included, `<pad>` excluded."""
+    captions = torch.cat([torch.full((len(tokens), 1), START_ID), tokens], dim=1)
+    logits, _ = model(images, captions)
+    logits[..., [PAD_ID, START_ID]] = float("-inf")  # generation forbids these two
+    logp = F.log_softmax(logits, -1).gather(2, tokens.unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(tokens == PAD_ID, 0.0).sum(1)
+
+
+@pytest.mark.parametrize("strategy, beam", [("greedy", 1), ("beam", 3), ("beam", 5)])
+def test_generate_batched_equals_one_at_a_time(strategy: str, beam: int) -> None:
+    model = tiny_model(seed=3).eval()
+    images, _ = random_batch(B=5, seed=2)
+    batched = model.generate(images, strategy=strategy, beam_size=beam, max_len=10)
+    for b in range(len(images)):
+        single = model.generate(images[b : b + 1], strategy=strategy, beam_size=beam, max_len=10)
+        n = single.tokens.shape[1]
+        assert batched.tokens[b, :n].tolist() == single.tokens[0].tolist()
+        assert (batched.tokens[b, n:] == PAD_ID).all()
+        assert torch.allclose(batched.log_probs[b], single.log_probs[0], atol=1e-4)
+        assert torch.allclose(batched.alphas[b, :n], single.alphas[0], atol=1e-5)
+
+
+def test_beam_scores_are_sequence_log_probabilities() -> None:
+    model = tiny_model(seed=4).eval()
+    images, _ = random_batch(B=4, seed=5)
+    gen = model.generate(images, strategy="beam", beam_size=4, max_len=12)
+    assert torch.allclose(gen.log_probs, sequence_log_prob(model, images, gen.tokens), atol=1e-4)
+    # A wider beam never finds a less likely caption than greedy decoding, which it contains.
+    greedy = model.generate(images, strategy="greedy", max_len=12)
+    ended = (greedy.tokens == END_ID).any(1) & (gen.tokens == END_ID).any(1)
+    assert (gen.log_probs[ended] >= greedy.log_probs[ended] - 1e-5).all()
+
+
+def test_beam_of_one_is_greedy() -> None:
+    model = tiny_model(seed=6).eval()
+    images, _ = random_batch(B=3, seed=7)
+    a = model.generate(images, strategy="greedy", max_len=9)
+    b = model.generate(images, strategy="beam", beam_size=1, max_len=9)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_beam_without_end_returns_best_unfinished() -> None:
+    model = tiny_model(seed=8).eval()
+    with torch.no_grad():
+        model.decoder.L_o.bias[END_ID] = -1e4  # <end> becomes unreachable
+    images, _ = random_batch(B=3, seed=9)
+    gen = model.generate(images, strategy="beam", beam_size=3, max_len=6)
+    assert gen.tokens.shape == (3, 6)
+    assert not (gen.tokens == END_ID).any() and not (gen.tokens == PAD_ID).any()
+    assert torch.isfinite(gen.log_probs).all()
+    assert torch.allclose(gen.log_probs, sequence_log_prob(model, images, gen.tokens), atol=1e-3)
+
+
+def test_generated_attention_is_returned_per_word() -> None:
+    model = tiny_model(seed=10).eval()
+    images, _ = random_batch(B=2, seed=11)
+    for strategy in ("greedy", "beam", "sample"):
+        gen = model.generate(images, strategy=strategy, beam_size=3, max_len=8)
+        B, T = gen.tokens.shape
+        assert gen.alphas.shape == (B, T, 64) and gen.betas.shape == (B, T)
+        assert gen.grid == (8, 8)
+        real = gen.tokens != PAD_ID  # a word was generated at this step
+        assert torch.allclose(gen.alphas.sum(-1)[real], torch.ones(int(real.sum())), atol=1e-5)
+        assert (gen.alphas.sum(-1)[~real] == 0).all()
+        assert ((gen.betas[real] > 0) & (gen.betas[real] < 1)).all()
+
+
+def test_sampling_is_reproducible_with_a_seed() -> None:
+    model = tiny_model(seed=12).eval()
+    images, _ = random_batch(B=3, seed=13)
+    torch.manual_seed(0)
+    a = model.generate(images, strategy="sample", max_len=8, temperature=1.5)
+    torch.manual_seed(0)
+    b = model.generate(images, strategy="sample", max_len=8, temperature=1.5)
+    assert torch.equal(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="strategy"):
+        model.generate(images, strategy="nucleus")
