@@ -52,20 +52,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """
     path = Path(path)
     if not path.is_file():
-        raise CaptionError(f"checkpoint: {path} does not exist; pass checkpoint=<run dir>/"
-                           "checkpoints/best.pt")
+        raise CaptionError(
+            f"checkpoint: {path} does not exist; pass checkpoint=<run dir>/checkpoints/best.pt"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for foreign or corrupt files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptionError(f"checkpoint: {path} is not a caption checkpoint and cannot be read "
-                           f"safely ({reason[:160]}); pass a file written by caption-train") from None
+        raise CaptionError(
+            f"checkpoint: {path} is not a caption checkpoint and cannot be read "
+            f"safely ({reason[:160]}); pass a file written by caption-train"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CaptionError(f"checkpoint: {path} is not a caption checkpoint (no '{FORMAT}' "
-                           "marker); pass a file written by caption-train")
+        raise CaptionError(
+            f"checkpoint: {path} is not a caption checkpoint (no '{FORMAT}' "
+            "marker); pass a file written by caption-train"
+        )
     if ckpt.get("version", 0) > VERSION:
-        raise CaptionError(f"checkpoint: {path} has format version {ckpt['version']}, newer "
-                           f"than this caption ({VERSION}); upgrade caption to read it")
+        raise CaptionError(
+            f"checkpoint: {path} has format version {ckpt['version']}, newer "
+            f"than this caption ({VERSION}); upgrade caption to read it"
+        )
     return ckpt
 
 
@@ -78,13 +85,15 @@ def build_model(model_cfg: DictConfig, vocab_size: int, from_checkpoint: bool = 
         from_checkpoint: weights will be loaded next, so skip fetching pretrained ones.
     """
     if from_checkpoint:
-        model_cfg = OmegaConf.merge(model_cfg, {"encoder": {"pretrained": False,
-                                                            "weights_path": None}})
+        model_cfg = OmegaConf.merge(
+            model_cfg, {"encoder": {"pretrained": False, "weights_path": None}}
+        )
     return instantiate(model_cfg, vocab_size=vocab_size)
 
 
-def load_captioner(path: str | Path, device: str | torch.device = "cpu"
-                   ) -> tuple[Captioner, Vocabulary, DictConfig]:
+def load_captioner(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Captioner, Vocabulary, DictConfig]:
     """Rebuild the model from a checkpoint alone, ready for inference.
 
     Returns:
@@ -97,6 +106,8 @@ def load_captioner(path: str | Path, device: str | torch.device = "cpu"
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise CaptionError(f"checkpoint: {path}: weights do not fit the model its config "
-                           f"describes ({str(e).splitlines()[0]})") from None
+        raise CaptionError(
+            f"checkpoint: {path}: weights do not fit the model its config "
+            f"describes ({str(e).splitlines()[0]})"
+        ) from None
     return model.to(device).eval(), vocab, cfg

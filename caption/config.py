@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,10 +11,14 @@ from omegaconf import DictConfig
 from caption.errors import CaptionError
 from caption.models.captioner import STRATEGIES
 
+# The repository's conf/ (the package is installed in editable mode, beside it).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
 
 def _fail(key: str, value: Any, expected: str) -> None:
-    raise CaptionError(f"config: {key} must be {expected}, got {value!r}; "
-                       f"override it with {key}=<value>")
+    raise CaptionError(
+        f"config: {key} must be {expected}, got {value!r}; override it with {key}=<value>"
+    )
 
 
 def check_int(cfg: DictConfig, key: str, minimum: int = 0, optional: bool = False) -> None:
@@ -56,11 +61,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CaptionError(f"config: device {name!r} is not a torch device; use auto, cpu or "
-                           "cuda[:N]") from None
+        raise CaptionError(
+            f"config: device {name!r} is not a torch device; use auto, cpu or cuda[:N]"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CaptionError(f"config: device {name!r} asked for, but CUDA is not available here; "
-                           "use device=cpu or device=auto")
+        raise CaptionError(
+            f"config: device {name!r} asked for, but CUDA is not available here; "
+            "use device=cpu or device=auto"
+        )
     return device
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
-from caption.config import check_choice, check_decoding, resolve_device
+from caption.config import CONF_DIR, check_choice, check_decoding, resolve_device
 from caption.data.dataset import ImageBank
 from caption.data.karpathy import SPLITS, read_karpathy
 from caption.errors import CaptionError, cli_guard
@@ -37,29 +38,48 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_choice(cfg, "split", SPLITS)
     check_decoding(cfg)
     device = resolve_device(cfg.device)
+    torch.set_flush_denormal(True)  # see train(): denormals in attention are slow on CPUs
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
     annotations = cfg.annotations or train_cfg.data.annotations
     # Images default to the checkpoint's only when the annotations do too.
     images = cfg.images or (None if cfg.annotations else train_cfg.data.images)
     records = read_karpathy(annotations, images)[cfg.split]
     if not records:
-        raise CaptionError(f"split: {annotations} has no {cfg.split!r} images; pick another "
-                           "split=")
+        raise CaptionError(f"split: {annotations} has no {cfg.split!r} images; pick another split=")
     bank = ImageBank(records, train_cfg.data.image_size, preload=True)
-    metrics, captions = score_bank(model, bank, vocab, strategy=cfg.strategy,
-                                   beam_size=cfg.beam_size, max_len=cfg.max_len,
-                                   batch_size=cfg.batch_size, device=device)
-    metrics = {**{k: round(v, 4) for k, v in metrics.items()}, "n_images": len(bank),
-               "split": cfg.split, "strategy": cfg.strategy,
-               "beam_size": cfg.beam_size if cfg.strategy == "beam" else 1}
+    metrics, captions = score_bank(
+        model,
+        bank,
+        vocab,
+        strategy=cfg.strategy,
+        beam_size=cfg.beam_size,
+        max_len=cfg.max_len,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
+    metrics = {
+        **{k: round(v, 4) for k, v in metrics.items()},
+        "n_images": len(bank),
+        "split": cfg.split,
+        "strategy": cfg.strategy,
+        "beam_size": cfg.beam_size if cfg.strategy == "beam" else 1,
+    }
     output = Path(cfg.output) if cfg.output else default_output(cfg.checkpoint, cfg.split)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(metrics, indent=2) + "\n")
     if cfg.captions:
         with open(cfg.captions, "w") as f:
             for record, c in zip(bank.records, captions, strict=True):
-                f.write(json.dumps({"image": str(record.path), "caption": " ".join(c["tokens"]),
-                                    "log_prob": round(c["log_prob"], 4)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "image": str(record.path),
+                            "caption": " ".join(c["tokens"]),
+                            "log_prob": round(c["log_prob"], 4),
+                        }
+                    )
+                    + "\n"
+                )
     log.info("wrote %s", output)
     return metrics
 
@@ -71,7 +91,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @cli_guard
 def main(cfg: DictConfig) -> None:
     metrics = evaluate(cfg)

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
-from caption.config import check_decoding, check_float, resolve_device
+from caption.config import CONF_DIR, check_decoding, check_float, resolve_device
 from caption.data.images import expand_images, load_image
 from caption.errors import CaptionError, cli_guard
 
@@ -32,6 +32,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     check_decoding(cfg)
     check_float(cfg, "temperature", 1e-6)
     device = resolve_device(cfg.device)
+    torch.set_flush_denormal(True)  # see train(): denormals in attention are slow on CPUs
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
     files = expand_images(cfg.images)
     size = train_cfg.data.image_size
@@ -49,22 +50,34 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
                     failed.append(str(path))
             if not images:
                 continue
-            gen = model.generate(torch.stack(images).to(device), strategy=cfg.strategy,
-                                 beam_size=cfg.beam_size, max_len=cfg.max_len,
-                                 temperature=cfg.temperature)
-            for path, tokens, log_prob in zip(good, gen.tokens.tolist(), gen.log_probs.tolist(),
-                                              strict=True):
-                line = {"image": str(path), "caption": " ".join(vocab.decode(tokens)),
-                        "log_prob": round(log_prob, 4)}
+            gen = model.generate(
+                torch.stack(images).to(device),
+                strategy=cfg.strategy,
+                beam_size=cfg.beam_size,
+                max_len=cfg.max_len,
+                temperature=cfg.temperature,
+            )
+            for path, tokens, log_prob in zip(
+                good, gen.tokens.tolist(), gen.log_probs.tolist(), strict=True
+            ):
+                line = {
+                    "image": str(path),
+                    "caption": " ".join(vocab.decode(tokens)),
+                    "log_prob": round(log_prob, 4),
+                }
                 out.write(json.dumps(line) + "\n")
             out.flush()
             captioned += len(good)
-    log.info("captioned %d image(s)%s%s", captioned, f", {len(failed)} failed" if failed else "",
-             f"; wrote {Path(cfg.output)}" if cfg.output else "")
+    log.info(
+        "captioned %d image(s)%s%s",
+        captioned,
+        f", {len(failed)} failed" if failed else "",
+        f"; wrote {Path(cfg.output)}" if cfg.output else "",
+    )
     return {"captioned": captioned, "failed": failed}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 @cli_guard
 def main(cfg: DictConfig) -> None:
     result = generate(cfg)

@@ -11,8 +11,9 @@ from nltk.translate.bleu_score import corpus_bleu
 _BLEU_WEIGHTS = [tuple([1.0 / n] * n) for n in range(1, 5)]
 
 
-def bleu(references: Sequence[Sequence[Sequence[str]]],
-         hypotheses: Sequence[Sequence[str]]) -> dict[str, float]:
+def bleu(
+    references: Sequence[Sequence[Sequence[str]]], hypotheses: Sequence[Sequence[str]]
+) -> dict[str, float]:
     """Corpus BLEU-1..4, each image decoded once and scored against all its references.
 
     Args:
@@ -29,6 +30,9 @@ def bleu(references: Sequence[Sequence[Sequence[str]]],
     # No smoothing: a BLEU-4 of 0 with no 4-gram match is what papers report.
     with warnings.catch_warnings():  # nltk warns on every zero n-gram count
         warnings.simplefilter("ignore", UserWarning)
-        scores = corpus_bleu([list(map(list, refs)) for refs in references],
-                             [list(h) for h in hypotheses], weights=_BLEU_WEIGHTS)
+        scores = corpus_bleu(
+            [list(map(list, refs)) for refs in references],
+            [list(h) for h in hypotheses],
+            weights=_BLEU_WEIGHTS,
+        )
     return {f"bleu{n}": float(s) for n, s in enumerate(scores, start=1)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
-from caption.config import check_train_config, resolve_device
+from caption.config import CONF_DIR, check_train_config, resolve_device
 from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
 from caption.data.karpathy import read_karpathy
 from caption.data.vocab import Vocabulary
@@ -32,9 +33,41 @@ log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 100,
+    final_lr_ratio: float = 0.05,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to `final_lr_ratio` of the base lr at `total_steps`.
+
+    Args:
+        optimizer: whose learning rates to scale.
+        total_steps: the run's length in optimizer steps.
+        warmup_steps: steps of linear warm-up from 0.
+        final_lr_ratio: the lr at the end, as a fraction of the base lr.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_lr_ratio + (1 - final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def constant_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The base learning rate throughout."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def _absolute_data_paths(cfg: DictConfig) -> None:
@@ -51,6 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     `<run_dir>/metrics.jsonl`.
     """
     check_train_config(cfg)
+    # Peaked softmaxes leave denormal floats in attention, which are ~100x slower on CPUs.
+    torch.set_flush_denormal(True)
     device = resolve_device(cfg.trainer.device)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -60,21 +95,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     splits = read_karpathy(cfg.data.annotations, cfg.data.images)
     if not splits["train"]:
         raise CaptionError(f"data.annotations: {cfg.data.annotations} has no train images")
-    vocab = Vocabulary.build((c for r in splits["train"] for c in r.captions),
-                             min_count=cfg.data.min_count, max_size=cfg.data.vocab_size)
+    vocab = Vocabulary.build(
+        (c for r in splits["train"] for c in r.captions),
+        min_count=cfg.data.min_count,
+        max_size=cfg.data.vocab_size,
+    )
     size, preload = cfg.data.image_size, cfg.data.preload
     train_bank = ImageBank(splits["train"], size, preload)
     val_bank = ImageBank(splits["val"][: cfg.trainer.val_max_images], size, preload)
     train_set = CaptionDataset(train_bank, vocab, cfg.data.max_caption_len)
-    log.info("data: %d train images (%d captions), %d val images, vocabulary %d words",
-             len(train_bank), len(train_set), len(val_bank), len(vocab))
-    loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True,
-                        collate_fn=collate_captions, num_workers=cfg.data.num_workers,
-                        generator=torch.Generator().manual_seed(cfg.trainer.seed))
+    log.info(
+        "data: %d train images (%d captions), %d val images, vocabulary %d words",
+        len(train_bank),
+        len(train_set),
+        len(val_bank),
+        len(vocab),
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        collate_fn=collate_captions,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.trainer.seed),
+    )
 
     model = build_model(cfg.model, len(vocab)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer)(params=params)
+    total_steps = cfg.trainer.max_epochs * len(loader)
+    if cfg.trainer.max_steps:
+        total_steps = min(total_steps, cfg.trainer.max_steps)
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     n_params = sum(p.numel() for p in params)
     log.info("model: %s trainable parameters, device %s", f"{n_params:,}", device)
 
@@ -83,14 +135,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.resume and (ckpt_dir / "last.pt").is_file():
         ckpt = load_checkpoint(ckpt_dir / "last.pt", map_location=device)
         if ckpt["vocab"] != vocab.itos:
-            raise CaptionError(f"trainer.resume: {ckpt_dir / 'last.pt'} was trained with another "
-                               "vocabulary; resume with the same data, or start a new run dir")
+            raise CaptionError(
+                f"trainer.resume: {ckpt_dir / 'last.pt'} was trained with another "
+                "vocabulary; resume with the same data, or start a new run dir"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
         progress = ckpt["progress"]
         torch.set_rng_state(ckpt["rng"])
-        log.info("resumed from %s at epoch %d, step %d", ckpt_dir / "last.pt",
-                 progress["epoch"], progress["step"])
+        log.info(
+            "resumed from %s at epoch %d, step %d",
+            ckpt_dir / "last.pt",
+            progress["epoch"],
+            progress["step"],
+        )
 
     t = cfg.trainer
     metrics_file = run_dir / "metrics.jsonl"
@@ -102,8 +161,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model.train()
         sums = {"loss": 0.0, "nll": 0.0, "attention_reg": 0.0}
         n_batches, epoch_images, start = 0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not t.progress, leave=False,
-                   mininterval=1.0, unit="batch")
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}",
+            disable=not t.progress,
+            leave=False,
+            mininterval=1.0,
+            unit="batch",
+        )
         for images, captions, _ in bar:
             images, captions = images.to(device), captions.to(device)
             losses = model.loss(images, captions)
@@ -112,6 +177,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if t.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             optimizer.step()
+            scheduler.step()
             for k in sums:
                 sums[k] += getattr(losses, k).item()
             n_batches += 1
@@ -127,9 +193,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_images += epoch_images
         progress["epoch"] = epoch
 
-        row: dict[str, Any] = {"epoch": epoch, "step": progress["step"],
-                               **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()},
-                               "images_per_sec": epoch_images / seconds, "epoch_seconds": seconds}
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": progress["step"],
+            **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()},
+            "images_per_sec": epoch_images / seconds,
+            "epoch_seconds": seconds,
+        }
         if len(val_bank):
             val, _ = score_bank(model, val_bank, vocab, device=device, **t.val)
             row.update({f"val_{k}": v for k, v in val.items()})
@@ -142,14 +212,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             progress["bad_epochs"] += 1
         with metrics_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        log.info("epoch %d step %d: loss %.4f, val BLEU-4 %s, %.0f images/s%s", epoch,
-                 progress["step"], row["train_loss"],
-                 f"{row['val_bleu4']:.4f}" if "val_bleu4" in row else "n/a",
-                 row["images_per_sec"], " (best)" if improved else "")
+        log.info(
+            "epoch %d step %d: loss %.4f, val BLEU-4 %s, %.0f images/s%s",
+            epoch,
+            progress["step"],
+            row["train_loss"],
+            f"{row['val_bleu4']:.4f}" if "val_bleu4" in row else "n/a",
+            row["images_per_sec"],
+            " (best)" if improved else "",
+        )
 
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "config": config, "vocab": vocab.itos, "progress": progress,
-                 "rng": torch.get_rng_state(), "metrics": row}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "config": config,
+            "vocab": vocab.itos,
+            "progress": progress,
+            "rng": torch.get_rng_state(),
+            "metrics": row,
+        }
         save_checkpoint(ckpt_dir / "last.pt", **state)
         if improved:
             save_checkpoint(ckpt_dir / "best.pt", **state)
@@ -157,16 +239,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("early stopping: no val BLEU-4 gain in %d epochs", t.patience)
             stop = True
 
-    summary = {"run_dir": str(run_dir), "epochs": progress["epoch"], "steps": progress["step"],
-               "best_epoch": progress["best_epoch"], "best_val_bleu4": progress["best_bleu4"],
-               "train_seconds": train_seconds,
-               "images_per_sec": train_images / train_seconds if train_seconds else 0.0,
-               "parameters": n_params}
+    summary = {
+        "run_dir": str(run_dir),
+        "epochs": progress["epoch"],
+        "steps": progress["step"],
+        "best_epoch": progress["best_epoch"],
+        "best_val_bleu4": progress["best_bleu4"],
+        "train_seconds": train_seconds,
+        "images_per_sec": train_images / train_seconds if train_seconds else 0.0,
+        "parameters": n_params,
+    }
     log.info("done: %s", json.dumps(summary))
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @cli_guard
 def main(cfg: DictConfig) -> float:
     summary = train(cfg)

@@ -31,20 +31,24 @@ def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64/16/16-image shapes set; returns its Karpathy JSON."""
-    return generate_shapes(tmp_path_factory.mktemp("shapes"), n_train=64, n_val=16, n_test=16,
-                           seed=1)
+    return generate_shapes(
+        tmp_path_factory.mktemp("shapes"), n_train=64, n_val=16, n_test=16, seed=1
+    )
 
 
 @pytest.fixture
 def train_cfg(tiny_shapes: Path, tmp_path: Path) -> DictConfig:
     """The default training config on the tiny set, one quick epoch, run dir in tmp_path."""
-    return compose_config("train", [
-        f"data.annotations={tiny_shapes}",
-        f"data.images={tiny_shapes.parent}",
-        f"run_dir={tmp_path / 'run'}",
-        "data.batch_size=16",
-        "trainer.max_epochs=1",
-        "trainer.progress=false",
-        "trainer.device=cpu",
-        *TINY_MODEL,
-    ])
+    return compose_config(
+        "train",
+        [
+            f"data.annotations={tiny_shapes}",
+            f"data.images={tiny_shapes.parent}",
+            f"run_dir={tmp_path / 'run'}",
+            "data.batch_size=16",
+            "trainer.max_epochs=1",
+            "trainer.progress=false",
+            "trainer.device=cpu",
+            *TINY_MODEL,
+        ],
+    )

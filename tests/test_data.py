@@ -17,19 +17,55 @@ from caption.errors import CaptionError
 KARPATHY = {
     "dataset": "coco",
     "images": [
-        {"filepath": "train2014", "filename": "a.jpg", "split": "train", "imgid": 0, "cocoid": 9,
-         "sentids": [0, 1],
-         "sentences": [{"tokens": ["a", "dog", "runs"], "raw": "A dog runs.", "sentid": 0, "imgid": 0},
-                       {"tokens": ["the", "dog", "sleeps"], "raw": "The dog sleeps", "sentid": 1,
-                        "imgid": 0}]},
-        {"filepath": "val2014", "filename": "b.jpg", "split": "restval", "imgid": 1, "sentids": [2],
-         "sentences": [{"raw": "A Cat, sitting!", "sentid": 2, "imgid": 1}]},
-        {"filepath": "val2014", "filename": "c.jpg", "split": "val", "imgid": 2, "sentids": [3],
-         "sentences": [{"tokens": ["a", "zebra"], "raw": "a zebra", "sentid": 3, "imgid": 2,
-                        "groundings": {"1": 0}}],
-         "objects": [{"box": [0, 0, 4, 4], "words": ["zebra"]}]},
-        {"filename": "d.jpg", "split": "test", "imgid": 3, "sentids": [4],
-         "sentences": [{"tokens": ["a", "dog"], "raw": "a dog", "sentid": 4, "imgid": 3}]},
+        {
+            "filepath": "train2014",
+            "filename": "a.jpg",
+            "split": "train",
+            "imgid": 0,
+            "cocoid": 9,
+            "sentids": [0, 1],
+            "sentences": [
+                {"tokens": ["a", "dog", "runs"], "raw": "A dog runs.", "sentid": 0, "imgid": 0},
+                {
+                    "tokens": ["the", "dog", "sleeps"],
+                    "raw": "The dog sleeps",
+                    "sentid": 1,
+                    "imgid": 0,
+                },
+            ],
+        },
+        {
+            "filepath": "val2014",
+            "filename": "b.jpg",
+            "split": "restval",
+            "imgid": 1,
+            "sentids": [2],
+            "sentences": [{"raw": "A Cat, sitting!", "sentid": 2, "imgid": 1}],
+        },
+        {
+            "filepath": "val2014",
+            "filename": "c.jpg",
+            "split": "val",
+            "imgid": 2,
+            "sentids": [3],
+            "sentences": [
+                {
+                    "tokens": ["a", "zebra"],
+                    "raw": "a zebra",
+                    "sentid": 3,
+                    "imgid": 2,
+                    "groundings": {"1": 0},
+                }
+            ],
+            "objects": [{"box": [0, 0, 4, 4], "words": ["zebra"]}],
+        },
+        {
+            "filename": "d.jpg",
+            "split": "test",
+            "imgid": 3,
+            "sentids": [4],
+            "sentences": [{"tokens": ["a", "dog"], "raw": "a dog", "sentid": 4, "imgid": 3}],
+        },
     ],
 }
 
@@ -57,12 +93,15 @@ def test_reader_defaults_images_to_json_folder(tmp_path: Path) -> None:
     assert splits["test"][0].path == tmp_path / "d.jpg"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "not valid JSON"),
-    ('{"pictures": []}', "not a Karpathy split file"),
-    ('{"images": [{"split": "train", "sentences": []}]}', "image #0 is malformed"),
-    ('{"images": [{"filename": "x.jpg", "split": "dev", "sentences": []}]}', "unknown split"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"pictures": []}', "not a Karpathy split file"),
+        ('{"images": [{"split": "train", "sentences": []}]}', "image #0 is malformed"),
+        ('{"images": [{"filename": "x.jpg", "split": "dev", "sentences": []}]}', "unknown split"),
+    ],
+)
 def test_reader_rejects_malformed_files(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -96,8 +135,15 @@ def test_vocabulary_train_only_min_count_and_round_trip() -> None:
 
 
 def test_batching_pads_variable_length_captions(tmp_path: Path) -> None:
-    doc = {"images": [{"filename": "x.png", "split": "train", "sentences": [
-        {"tokens": ["a", "red", "circle"]}, {"tokens": ["circle"]}]}]}
+    doc = {
+        "images": [
+            {
+                "filename": "x.png",
+                "split": "train",
+                "sentences": [{"tokens": ["a", "red", "circle"]}, {"tokens": ["circle"]}],
+            }
+        ]
+    }
     Image.new("RGB", (10, 20), (255, 0, 0)).save(tmp_path / "x.png")
     records = read_karpathy(write_json(tmp_path / "k.json", doc))["train"]
     vocab = Vocabulary.build(r for rec in records for r in rec.captions)
@@ -111,8 +157,12 @@ def test_batching_pads_variable_length_captions(tmp_path: Path) -> None:
 def test_image_bank_skips_bad_files_and_keeps_good_ones(tmp_path: Path, caplog) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    doc = {"images": [{"filename": n, "split": "train", "sentences": [{"tokens": ["x"]}]}
-                      for n in ("good.png", "bad.png", "missing.png")]}
+    doc = {
+        "images": [
+            {"filename": n, "split": "train", "sentences": [{"tokens": ["x"]}]}
+            for n in ("good.png", "bad.png", "missing.png")
+        ]
+    }
     records = read_karpathy(write_json(tmp_path / "k.json", doc))["train"]
     bank = ImageBank(records, image_size=8)
     assert [r.path.name for r in bank.records] == ["good.png"]

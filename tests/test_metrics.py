@@ -8,13 +8,18 @@ from caption.metrics import bleu
 
 
 def test_perfect_match_scores_one() -> None:
-    refs = [[["a", "red", "circle", "on", "the", "left"]], [["a", "small", "blue", "square", "here"]]]
+    refs = [
+        [["a", "red", "circle", "on", "the", "left"]],
+        [["a", "small", "blue", "square", "here"]],
+    ]
     hyps = [r[0] for r in refs]
     assert bleu(refs, hyps) == pytest.approx({f"bleu{n}": 1.0 for n in range(1, 5)})
 
 
 def test_scores_against_every_reference() -> None:
-    refs = [[["a", "blue", "square", "on", "the", "left"], ["a", "red", "circle", "on", "the", "right"]]]
+    refs = [
+        [["a", "blue", "square", "on", "the", "left"], ["a", "red", "circle", "on", "the", "right"]]
+    ]
     assert bleu(refs, [refs[0][1]])["bleu4"] == pytest.approx(1.0)  # matching any one reference
     partial = bleu(refs, [["a", "red", "circle", "on", "the", "top"]])
     assert 0 < partial["bleu4"] < partial["bleu1"] < 1

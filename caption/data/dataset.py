@@ -32,8 +32,13 @@ class ImageBank:
         workers: threads for preloading; PIL decoding releases the GIL.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], image_size: int, preload: bool = True,
-                 workers: int = 4) -> None:
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        image_size: int,
+        preload: bool = True,
+        workers: int = 4,
+    ) -> None:
         self.image_size = image_size
         self.pixels: torch.Tensor | None = None
         if preload:
@@ -44,8 +49,11 @@ class ImageBank:
                 log.warning("skipped %d unreadable image(s) of %d", len(bad), len(records))
             self.records = [r for r, x in zip(records, loaded, strict=True) if x is not None]
             good = [x for x in loaded if x is not None]
-            self.pixels = torch.stack(good) if good else torch.empty(0, 3, image_size, image_size,
-                                                                     dtype=torch.uint8)
+            self.pixels = (
+                torch.stack(good)
+                if good
+                else torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
+            )
         else:
             missing = [r for r in records if not r.path.is_file()]
             for r in missing:
@@ -85,8 +93,11 @@ class CaptionDataset(Dataset):
 
     def __init__(self, bank: ImageBank, vocab: Vocabulary, max_len: int | None = None) -> None:
         self.bank = bank
-        self.pairs = [(i, torch.tensor(vocab.encode(c[:max_len]), dtype=torch.long))
-                      for i, r in enumerate(bank.records) for c in r.captions]
+        self.pairs = [
+            (i, torch.tensor(vocab.encode(c[:max_len]), dtype=torch.long))
+            for i, r in enumerate(bank.records)
+            for c in r.captions
+        ]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -100,8 +111,9 @@ def collate_captions(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> CaptionB
     """Stack images and right-pad captions with `<pad>` to the longest in the batch."""
     images, captions = zip(*batch, strict=True)
     lengths = torch.tensor([len(c) for c in captions])
-    return CaptionBatch(torch.stack(images), pad_sequence(captions, batch_first=True,
-                                                          padding_value=PAD_ID), lengths)
+    return CaptionBatch(
+        torch.stack(images), pad_sequence(captions, batch_first=True, padding_value=PAD_ID), lengths
+    )
 
 
 class ImageDataset(Dataset):

@@ -51,8 +51,9 @@ def expand_images(spec: str | Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise CaptionError(f"images: folder {path} holds no image files "
-                               f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise CaptionError(
+                f"images: folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         return files
     if path.exists():
         return [path]

@@ -39,7 +39,9 @@ class ImageRecord:
     groundings: list[dict[int, int]] = field(default_factory=list)
 
 
-def read_karpathy(annotations: str | Path, images: str | Path | None = None) -> dict[str, list[ImageRecord]]:
+def read_karpathy(
+    annotations: str | Path, images: str | Path | None = None
+) -> dict[str, list[ImageRecord]]:
     """Read a Karpathy split JSON into records per split.
 
     Args:
@@ -52,39 +54,52 @@ def read_karpathy(annotations: str | Path, images: str | Path | None = None) -> 
     annotations = Path(annotations)
     root = Path(images) if images is not None else annotations.parent
     if not annotations.is_file():
-        raise CaptionError(f"data.annotations: {annotations} does not exist; pass the Karpathy "
-                           "split JSON with data.annotations=<file>")
+        raise CaptionError(
+            f"data.annotations: {annotations} does not exist; pass the Karpathy "
+            "split JSON with data.annotations=<file>"
+        )
     if not root.is_dir():
-        raise CaptionError(f"data.images: {root} is not a folder; pass the image folder with "
-                           "data.images=<dir>")
+        raise CaptionError(
+            f"data.images: {root} is not a folder; pass the image folder with data.images=<dir>"
+        )
     try:
         doc = json.loads(annotations.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CaptionError(f"data.annotations: {annotations} is not valid JSON ({e})") from None
 
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-        raise CaptionError(f"data.annotations: {annotations} is not a Karpathy split file "
-                           "(expected an object with an 'images' list)")
+        raise CaptionError(
+            f"data.annotations: {annotations} is not a Karpathy split file "
+            "(expected an object with an 'images' list)"
+        )
     splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     for n, img in enumerate(doc["images"]):
         try:
             split = "train" if img["split"] == "restval" else img["split"]
-            captions = [s["tokens"] if s.get("tokens") else tokenize(s["raw"]) for s in img["sentences"]]
+            captions = [
+                s["tokens"] if s.get("tokens") else tokenize(s["raw"]) for s in img["sentences"]
+            ]
             record = ImageRecord(
                 imgid=int(img.get("imgid", n)),
                 path=root / img.get("filepath", "") / img["filename"],
                 split=split,
                 captions=captions,
                 objects=img.get("objects", []),
-                groundings=[{int(k): int(v) for k, v in s.get("groundings", {}).items()}
-                            for s in img["sentences"]],
+                groundings=[
+                    {int(k): int(v) for k, v in s.get("groundings", {}).items()}
+                    for s in img["sentences"]
+                ],
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise CaptionError(f"data.annotations: {annotations}: image #{n} is malformed "
-                               f"({type(e).__name__}: {e}); each image needs 'filename', 'split' "
-                               "and 'sentences' with 'tokens' or 'raw'") from None
+            raise CaptionError(
+                f"data.annotations: {annotations}: image #{n} is malformed "
+                f"({type(e).__name__}: {e}); each image needs 'filename', 'split' "
+                "and 'sentences' with 'tokens' or 'raw'"
+            ) from None
         if split not in splits:
-            raise CaptionError(f"data.annotations: {annotations}: image #{n} has unknown split "
-                               f"{img['split']!r}; expected train, val, test or restval")
+            raise CaptionError(
+                f"data.annotations: {annotations}: image #{n} has unknown split "
+                f"{img['split']!r}; expected train, val, test or restval"
+            )
         splits[split].append(record)
     return splits

@@ -48,8 +48,10 @@ class Vocabulary:
         """
         counts = Counter(w for tokens in captions for w in tokens)
         # Sort by frequency, then alphabetically, so that equal inputs give equal ids.
-        words = sorted((w for w, n in counts.items() if n >= min_count and w not in SPECIALS),
-                       key=lambda w: (-counts[w], w))
+        words = sorted(
+            (w for w, n in counts.items() if n >= min_count and w not in SPECIALS),
+            key=lambda w: (-counts[w], w),
+        )
         if max_size is not None:
             words = words[: max(0, max_size - len(SPECIALS))]
         return cls([*SPECIALS, *words])

@@ -31,12 +31,14 @@ class AdditiveScore(nn.Module):
         activation: `tanh` (the paper) or `relu`.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, hidden_dim: int = 256,
-                 activation: str = "tanh") -> None:
+    def __init__(
+        self, query_dim: int, key_dim: int, hidden_dim: int = 256, activation: str = "tanh"
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"model.score.activation must be one of {sorted(ACTIVATIONS)}, "
-                             f"got {activation!r}")
+            raise ValueError(
+                f"model.score.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
+            )
         self.key_proj = nn.Linear(key_dim, hidden_dim)  # W_a
         self.query_proj = nn.Linear(query_dim, hidden_dim, bias=False)  # U_a
         self.act = ACTIVATIONS[activation]()

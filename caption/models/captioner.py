@@ -41,9 +41,15 @@ class Captioner(nn.Module):
         **decoder_kwargs: the remaining `Decoder` options.
     """
 
-    def __init__(self, encoder: nn.Module, attention: Callable[..., nn.Module],
-                 score: Callable[..., nn.Module], vocab_size: int, doubly_stochastic: float = 1.0,
-                 **decoder_kwargs) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        attention: Callable[..., nn.Module],
+        score: Callable[..., nn.Module],
+        vocab_size: int,
+        doubly_stochastic: float = 1.0,
+        **decoder_kwargs,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = Decoder(vocab_size, encoder.out_dim, attention, score, **decoder_kwargs)
@@ -76,9 +82,15 @@ class Captioner(nn.Module):
         return Losses(nll + self.doubly_stochastic * reg, nll, reg)
 
     @torch.no_grad()
-    def generate(self, images: Tensor, strategy: str = "beam", beam_size: int = 3,
-                 max_len: int = 20, temperature: float = 1.0,
-                 length_penalty: float = 0.0) -> Generated:
+    def generate(
+        self,
+        images: Tensor,
+        strategy: str = "beam",
+        beam_size: int = 3,
+        max_len: int = 20,
+        temperature: float = 1.0,
+        length_penalty: float = 0.0,
+    ) -> Generated:
         """Caption a batch of images; returns the words with their attention.
 
         Args:
@@ -95,12 +107,14 @@ class Captioner(nn.Module):
         if strategy == "beam" and beam_size > 1:
             out = self._beam(annotations, beam_size, max_len, length_penalty)
         else:
-            out = self._sequential(annotations, max_len, sample=strategy == "sample",
-                                   temperature=temperature)
+            out = self._sequential(
+                annotations, max_len, sample=strategy == "sample", temperature=temperature
+            )
         return Generated(*out, grid=self.encoder.grid_shape(images.shape[-1]))
 
-    def _sequential(self, annotations: Tensor, max_len: int, sample: bool,
-                    temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _sequential(
+        self, annotations: Tensor, max_len: int, sample: bool, temperature: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Greedy decoding, or ancestral sampling at a temperature."""
         B, L, D = annotations.shape
         dec = self.decoder
@@ -129,8 +143,9 @@ class Captioner(nn.Module):
                 break
         return torch.stack(tokens, 1), torch.stack(alphas, 1), log_prob, torch.stack(betas, 1)
 
-    def _beam(self, annotations: Tensor, K: int, max_len: int,
-              length_penalty: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _beam(
+        self, annotations: Tensor, K: int, max_len: int, length_penalty: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Beam search over all images at once: B*K hypotheses advance as one batch.
 
         Finished hypotheses stay in the beam, extended by `<pad>` at no cost, so they compete
@@ -140,7 +155,9 @@ class Captioner(nn.Module):
         B, L, D = annotations.shape
         dec = self.decoder
         device = annotations.device
-        a = annotations.repeat_interleave(K, dim=0)  # (B*K, L, D), image b's beams are rows bK..bK+K-1
+        a = annotations.repeat_interleave(
+            K, dim=0
+        )  # (B*K, L, D), image b's beams are rows bK..bK+K-1
         keys = dec.attention.keys(a)
         state = dec.init_state(a)
         y = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
@@ -153,7 +170,9 @@ class Captioner(nn.Module):
         offsets = torch.arange(B, device=device).unsqueeze(1) * K  # (B, 1) row of beam 0
         for _ in range(max_len):
             step = dec.step(y, state, a, keys)
-            logp = _no_specials(step.logits).log_softmax(-1).view(B, K, -1)  # (B, K, V) log-probs, not logits
+            logp = (
+                _no_specials(step.logits).log_softmax(-1).view(B, K, -1)
+            )  # (B, K, V) log-probs, not logits
             V = logp.shape[-1]
             # A finished hypothesis has one continuation, <pad>, which costs nothing.
             pad_only = torch.full_like(logp[0, 0], float("-inf"))
@@ -164,12 +183,27 @@ class Captioner(nn.Module):
             word = idx % V
             rows = (offsets + parent).view(-1)  # (B*K,) flat index of each parent hypothesis
             scores = top
-            tokens = torch.cat([tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])),
-                                word.unsqueeze(-1)], dim=-1)
-            alphas = torch.cat([alphas[torch.arange(B, device=device)[:, None], parent],
-                                step.alpha[rows].view(B, K, 1, L)], dim=2)
-            betas = torch.cat([betas[torch.arange(B, device=device)[:, None], parent],
-                               step.beta[rows].view(B, K, 1)], dim=2)
+            tokens = torch.cat(
+                [
+                    tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])),
+                    word.unsqueeze(-1),
+                ],
+                dim=-1,
+            )
+            alphas = torch.cat(
+                [
+                    alphas[torch.arange(B, device=device)[:, None], parent],
+                    step.alpha[rows].view(B, K, 1, L),
+                ],
+                dim=2,
+            )
+            betas = torch.cat(
+                [
+                    betas[torch.arange(B, device=device)[:, None], parent],
+                    step.beta[rows].view(B, K, 1),
+                ],
+                dim=2,
+            )
             done = done.gather(1, parent) | (word == END_ID)
             state = (step.state[0][rows], step.state[1][rows])
             y = word.view(-1)
@@ -178,13 +212,18 @@ class Captioner(nn.Module):
         lengths = ((tokens != PAD_ID).sum(-1)).clamp(min=1).float()  # (B, K)
         ranked = scores / lengths.pow(length_penalty)
         # Prefer complete captions; fall back to the best unfinished one.
-        ranked = torch.where(done.any(1, keepdim=True), ranked.masked_fill(~done, float("-inf")),
-                             ranked)
+        ranked = torch.where(
+            done.any(1, keepdim=True), ranked.masked_fill(~done, float("-inf")), ranked
+        )
         best = ranked.argmax(dim=1)  # (B,)
         b = torch.arange(B, device=device)
         keep = tokens[b, best] != PAD_ID  # (B, T) zero out the steps after <end>
-        return (tokens[b, best], alphas[b, best] * keep.unsqueeze(-1), scores[b, best],
-                betas[b, best] * keep)
+        return (
+            tokens[b, best],
+            alphas[b, best] * keep.unsqueeze(-1),
+            scores[b, best],
+            betas[b, best] * keep,
+        )
 
 
 def _no_specials(logits: Tensor) -> Tensor:

@@ -81,8 +81,9 @@ class Decoder(nn.Module):
         mean = annotations.mean(dim=1)  # (B, D)
         return self.init_h(mean), self.init_c(mean)
 
-    def advance(self, emb: Tensor, state: tuple[Tensor, Tensor], annotations: Tensor,
-                keys: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor, Tensor]:
+    def advance(
+        self, emb: Tensor, state: tuple[Tensor, Tensor], annotations: Tensor, keys: Tensor
+    ) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor, Tensor]:
         """One LSTM step: attend with h_{t-1}, gate, then update the state.
 
         Returns:
@@ -101,8 +102,9 @@ class Decoder(nn.Module):
             return self.L_o(self.dropout(self.out_act(emb + self.L_h(h) + self.L_z(z))))
         return self.L_o(self.dropout(h))
 
-    def step(self, y_prev: Tensor, state: tuple[Tensor, Tensor], annotations: Tensor,
-             keys: Tensor) -> DecoderStep:
+    def step(
+        self, y_prev: Tensor, state: tuple[Tensor, Tensor], annotations: Tensor, keys: Tensor
+    ) -> DecoderStep:
         """Decode one word given the previous one, for inference."""
         emb = self.embed(y_prev)  # (B,) -> (B, m)
         state, z, alpha, beta = self.advance(emb, state, annotations, keys)
