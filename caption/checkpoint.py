@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,7 +89,15 @@ def build_model(model_cfg: DictConfig, vocab_size: int, from_checkpoint: bool = 
         model_cfg = OmegaConf.merge(
             model_cfg, {"encoder": {"pretrained": False, "weights_path": None}}
         )
-    return instantiate(model_cfg, vocab_size=vocab_size)
+    try:
+        return instantiate(model_cfg, vocab_size=vocab_size)
+    except InstantiationException as e:
+        # Hydra wraps what a constructor raised; report the cause, not the wrapper.
+        cause = e.__cause__
+        if isinstance(cause, CaptionError):
+            raise cause from None
+        reason = str(cause or e).strip().splitlines()[0]
+        raise CaptionError(f"config: model cannot be built from this config ({reason})") from None
 
 
 def load_captioner(
