@@ -42,3 +42,6 @@ format: $(STAMP)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
+
+bench: $(STAMP)
+	$(BIN)/python bench/throughput.py

@@ -170,3 +170,17 @@ def test_foreign_checkpoint_and_unknown_option(trained: Path, tmp_path: Path) ->
     assert proc.returncode != 0 and "Could not override 'trainer.max_epoch'" in proc.stderr
     proc = run("caption-train", "model/encoder=resnet9000", check=False)
     assert proc.returncode != 0 and "Could not find 'model/encoder/resnet9000'" in proc.stderr
+
+
+def test_quickstart_notebook_runs(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Execute the notebook's code cells against the tiny run (headless matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    notebook = json.loads((ROOT / "notebooks" / "quickstart.ipynb").read_text())
+    code = "\n\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    monkeypatch.setenv("CAPTION_CHECKPOINT", str(trained / "run" / "checkpoints" / "best.pt"))
+    monkeypatch.setenv("CAPTION_IMAGES", str(trained / "shapes" / "images"))
+    scope: dict = {}
+    exec(compile(code, "quickstart.ipynb", "exec"), scope)
+    assert len(scope["captions"]) == 4 and scope["out"].alphas.shape[0] == 4

@@ -14,7 +14,7 @@ from caption.errors import CaptionError
 from caption.models.encoder import BACKBONES, Encoder, coord_grid, receptive_field
 
 OUT_DIM = {
-    "small_cnn": 128,
+    "small_cnn": 64,
     "resnet18": 512,
     "resnet34": 512,
     "resnet50": 2048,
@@ -75,7 +75,7 @@ def test_small_cnn_trains_end_to_end() -> None:
     torch.manual_seed(0)
     enc = Encoder().train()
     out = enc(torch.rand(4, 3, 64, 64))
-    assert out.shape == (4, 64, 128)  # 8x8 grid, D = channels[-1]
+    assert out.shape == (4, 64, 64)  # 8x8 grid, D = channels[-1]
     assert not torch.isnan(out).any()
     (out * torch.randn_like(out)).sum().backward()
     for name, p in enc.named_parameters():
@@ -149,8 +149,8 @@ def test_grid_size_pools_down() -> None:
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         a, b = full(x), pooled(x)
-    assert b.shape == (2, 16, 128) and pooled.grid_shape(64) == (4, 4)
-    grid = a.transpose(1, 2).reshape(2, 128, 8, 8)  # (B, L, D) -> (B, D, 8, 8)
+    assert b.shape == (2, 16, 64) and pooled.grid_shape(64) == (4, 4)
+    grid = a.transpose(1, 2).reshape(2, 64, 8, 8)  # (B, L, D) -> (B, D, 8, 8)
     expected = nn.functional.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
     torch.testing.assert_close(b, expected)
     same = Encoder(grid_size=8).eval()

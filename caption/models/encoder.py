@@ -211,7 +211,7 @@ class Encoder(nn.Module):
         fine_tune: bool = True,
         weights_path: str | None = None,
         grid_size: int | None = None,
-        channels: list[int] | tuple[int, ...] = (32, 64, 128),
+        channels: list[int] | tuple[int, ...] = (16, 32, 64),
         coord_channels: bool = True,
     ) -> None:
         super().__init__()
@@ -235,6 +235,7 @@ class Encoder(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if not fine_tune:
             self.backbone.requires_grad_(False)
+        self._grids: dict[tuple[int, int], tuple[int, int]] = {}  # input size -> grid, cached
         self.train()  # applies the frozen-backbone eval mode below
 
     def train(self, mode: bool = True) -> Encoder:
@@ -285,6 +286,11 @@ class Encoder(nn.Module):
             H, W = (int(s) for s in image_size)
         else:
             H = W = int(image_size)
+        if (H, W) not in self._grids:
+            self._grids[H, W] = self._dry_run(H, W)
+        return self._grids[H, W]
+
+    def _dry_run(self, H: int, W: int) -> tuple[int, int]:
         p = next(self.backbone.parameters())
         modes = {m: m.training for m in self.backbone.modules()}
         self.backbone.eval()  # the dry run must not move BatchNorm running statistics
