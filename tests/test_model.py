@@ -43,6 +43,8 @@ VARIANTS = [
     ["model.dropout=0"],
     ["model.score.activation=relu"],
     ["model.encoder.coord_channels=false"],
+    ["model/attention=hard"],
+    ["model/attention=hard", "model.attention.samples=3", "model.attention.coin=batch"],
 ]
 
 
@@ -50,7 +52,8 @@ VARIANTS = [
 def test_forward_backward(overrides: list[str]) -> None:
     model = tiny_model(*overrides)
     images, captions = random_batch()
-    logits, alphas = model(images, captions)
+    out = model(images, captions)
+    logits, alphas = out.logits, out.alphas
     B, T = captions.shape
     L = 8 * 8  # 64 px through the small CNN
     assert logits.shape == (B, T - 1, V) and alphas.shape == (B, T - 1, L)
@@ -106,7 +109,7 @@ def test_overfits_one_batch() -> None:
 def sequence_log_prob(model: Captioner, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(tokens | image) under teacher forcing, `<end>` included, `<pad>` excluded."""
     captions = torch.cat([torch.full((len(tokens), 1), START_ID), tokens], dim=1)
-    logits, _ = model(images, captions)
+    logits = model(images, captions).logits
     logits[..., [PAD_ID, START_ID]] = float("-inf")  # generation forbids these two
     logp = F.log_softmax(logits, -1).gather(2, tokens.unsqueeze(-1)).squeeze(-1)
     return logp.masked_fill(tokens == PAD_ID, 0.0).sum(1)

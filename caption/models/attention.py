@@ -19,6 +19,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.R
 class AttentionOutput(NamedTuple):
     context: Tensor  # (B, D) ẑ_t, before the β gate
     alpha: Tensor  # (B, L) attention weights, non-negative, summing to 1
+    location: Tensor  # (B,) the cell a hard model chose, else the most attended cell
+    log_prob: Tensor | None = None  # (B,) log p(s_t | a) of a sampled cell; 0 where not sampled
+    entropy: Tensor | None = None  # (B,) H[α_t], for the hard estimator's entropy term
 
 
 class AdditiveScore(nn.Module):
@@ -69,12 +72,143 @@ class SoftAttention(nn.Module):
         super().__init__()
         self.score = score(query_dim=query_dim, key_dim=key_dim)
 
-    def keys(self, annotations: Tensor) -> Tensor:
-        """The step-independent part of the score, computed once per image."""
+    def prepare(self, annotations: Tensor) -> Tensor:
+        """Per-sequence memory, computed once per image: the step-independent part of the score."""
         return self.score.keys(annotations)
 
-    def forward(self, query: Tensor, annotations: Tensor, keys: Tensor) -> AttentionOutput:
-        """Attend with query h (B, H) over annotations a (B, L, D)."""
-        alpha = self.score(query, keys).softmax(dim=-1)  # (B, L)
+    def forward(
+        self, query: Tensor, annotations: Tensor, memory: Tensor, location: Tensor | None = None
+    ) -> AttentionOutput:
+        """Attend with query h (B, H) over annotations a (B, L, D).
+
+        Args:
+            query: h_{t-1}, (B, H).
+            annotations: a, (B, L, D).
+            memory: what `prepare` returned for these annotations.
+            location: only hard attention can be told where to look.
+        """
+        if location is not None:
+            raise ValueError("soft attention has no location to force")
+        alpha = self.score(query, memory).softmax(dim=-1)  # (B, L)
         context = torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)  # (B, 1, L) @ (B, L, D)
-        return AttentionOutput(context, alpha)
+        return AttentionOutput(context, alpha, alpha.argmax(dim=-1))
+
+
+class HardMemory(NamedTuple):
+    keys: Tensor  # (B, L, A) the score's precomputed keys
+    expect: Tensor | None  # (B,) bool: this sequence uses the expected context, not a sample
+
+
+class HardAttention(SoftAttention):
+    """Stochastic hard attention (Xu et al. §4.1): look at one sampled cell s_t ~ Multinoulli(α_t).
+
+    Training maximises the lower bound L_s = Σ_s p(s|a) log p(y|s,a) with the Monte Carlo
+    gradient 1/N Σ_n [∂log p(y|s̃ⁿ,a) + λ_r (log p(y|s̃ⁿ,a) − b) ∂log p(s̃ⁿ|a) + λ_e ∂H[s̃ⁿ]].
+    The decoder records log p(s̃|a) and H per step; `Captioner.loss` turns them into a
+    surrogate loss whose gradient is that estimator, and this module keeps the baseline b.
+
+    Args:
+        score: builds the score function given `query_dim` and `key_dim`.
+        query_dim: H, the decoder state size.
+        key_dim: D, the annotation vector size.
+        samples: N, Monte Carlo samples of the location sequence per image.
+        expectation_prob: the chance that a sequence uses the expectation Σ α_i a_i instead of
+            a sample (the paper: 0.5).
+        coin: flip that coin per `image` (the paper) or once per `batch` (the authors' code).
+        reward_weight: λ_r (the authors' code hard-codes 0.1).
+        entropy_weight: λ_e (the authors' code uses 0.002).
+        baseline_decay: b_k = decay · b_{k−1} + (1 − decay) · mean log p(y|s̃_k,a) (paper: 0.9).
+        decode: at inference, use the `expectation` (the authors' default), the `argmax` cell or
+            a `sample`.
+    """
+
+    COINS = ("image", "batch")
+    DECODES = ("expectation", "argmax", "sample")
+
+    def __init__(
+        self,
+        score: Callable[..., nn.Module],
+        query_dim: int,
+        key_dim: int,
+        samples: int = 1,
+        expectation_prob: float = 0.5,
+        coin: str = "image",
+        reward_weight: float = 0.1,
+        entropy_weight: float = 0.002,
+        baseline_decay: float = 0.9,
+        decode: str = "expectation",
+    ) -> None:
+        super().__init__(score, query_dim, key_dim)
+        checks = [
+            (samples >= 1, "samples", samples, "an integer >= 1"),
+            (0 <= expectation_prob <= 1, "expectation_prob", expectation_prob, "in [0, 1]"),
+            (coin in self.COINS, "coin", coin, f"one of {self.COINS}"),
+            (0 <= baseline_decay < 1, "baseline_decay", baseline_decay, "in [0, 1)"),
+            (decode in self.DECODES, "decode", decode, f"one of {self.DECODES}"),
+        ]
+        for ok, key, value, expected in checks:
+            if not ok:
+                raise ValueError(f"model.attention.{key} must be {expected}, got {value!r}")
+        self.samples = int(samples)
+        self.expectation_prob = expectation_prob
+        self.coin = coin
+        self.reward_weight = reward_weight
+        self.entropy_weight = entropy_weight
+        self.baseline_decay = baseline_decay
+        self.decode = decode
+        # Buffers, so that checkpoints carry the baseline and a resumed run continues it.
+        self.register_buffer("baseline", torch.zeros(()))
+        self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))
+
+    def prepare(self, annotations: Tensor) -> HardMemory:
+        """The keys, and in training the expected-α coin for each sequence."""
+        keys = super().prepare(annotations)
+        if not self.training:
+            return HardMemory(keys, None)
+        B = annotations.shape[0]
+        flips = 1 if self.coin == "batch" else B
+        expect = torch.rand(flips, device=annotations.device) < self.expectation_prob
+        return HardMemory(keys, expect.expand(B))
+
+    def forward(
+        self, query: Tensor, annotations: Tensor, memory: HardMemory, location: Tensor | None = None
+    ) -> AttentionOutput:
+        """Attend to one cell: sampled in training, per `decode` at inference, or as given.
+
+        Args:
+            query: h_{t-1}, (B, H).
+            annotations: a, (B, L, D).
+            memory: what `prepare` returned.
+            location: (B,) force these cells (for exact enumeration of L_s in tests).
+        """
+        B, L, D = annotations.shape
+        logits = self.score(query, memory.keys)  # (B, L)
+        alpha = logits.softmax(dim=-1)
+        log_alpha = logits.log_softmax(dim=-1)
+        mode = "sample" if self.training else self.decode
+        expect = (
+            memory.expect if memory.expect is not None else alpha.new_zeros(B, dtype=torch.bool)
+        )
+        if mode == "expectation":
+            expect = torch.ones_like(expect)
+        if location is None:
+            if mode == "sample":
+                location = torch.multinomial(alpha.detach(), 1).squeeze(1)  # s_t ~ Multinoulli(α_t)
+            else:
+                location = alpha.argmax(dim=-1)
+        expected = torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)  # (B, D) Σ_i α_i a_i
+        sampled = annotations[torch.arange(B, device=annotations.device), location]  # (B, D) a_s
+        context = torch.where(expect.unsqueeze(1), expected, sampled)
+        # Only sampled cells take part in the REINFORCE term.
+        log_prob = log_alpha.gather(1, location.unsqueeze(1)).squeeze(1).masked_fill(expect, 0.0)
+        entropy = -(alpha * log_alpha).sum(dim=-1)  # (B,) H[α_t]
+        return AttentionOutput(context, alpha, location, log_prob, entropy)
+
+    @torch.no_grad()
+    def update_baseline(self, reward: Tensor) -> None:
+        """b ← decay · b + (1 − decay) · reward; the first update starts b at the reward."""
+        if self.baseline_updates == 0:
+            self.baseline.copy_(reward)
+        else:
+            self.baseline.mul_(self.baseline_decay).add_((1 - self.baseline_decay) * reward)
+        self.baseline_updates += 1

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from caption.data.vocab import END_ID, PAD_ID, START_ID
-from caption.models.decoder import Decoder
+from caption.models.attention import HardAttention
+from caption.models.decoder import Decoder, DecoderOutput
 
 STRATEGIES = ("greedy", "beam", "sample")
 
@@ -20,6 +21,7 @@ class Generated(NamedTuple):
     alphas: Tensor  # (B, T, L) attention weights of each generated word
     log_probs: Tensor  # (B,) log p(caption | image), `<end>` included
     betas: Tensor  # (B, T) the gate of each generated word
+    locations: Tensor  # (B, T) the cell each word looked at (hard) or attended most (soft)
     grid: tuple[int, int]  # (H', W'): reshape an alpha row to this to see it over the image
 
 
@@ -61,25 +63,53 @@ class Captioner(nn.Module):
             images = images.float().div_(255)
         return self.encoder(images)
 
-    def forward(self, images: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher-forced logits (B, T-1, V) and alphas (B, T-1, L)."""
-        return self.decoder(self.encode(images), captions)
+    def forward(
+        self, images: Tensor, captions: Tensor, locations: Tensor | None = None
+    ) -> DecoderOutput:
+        """Teacher-forced logits (B, T-1, V), alphas (B, T-1, L) and what the attention chose."""
+        return self.decoder(self.encode(images), captions, locations)
 
-    def loss(self, images: Tensor, captions: Tensor) -> Losses:
-        """Masked word NLL plus the doubly stochastic attention penalty.
+    def loss(self, images: Tensor, captions: Tensor, locations: Tensor | None = None) -> Losses:
+        """Masked word NLL, the doubly stochastic penalty and, for hard attention, the
+        surrogate whose gradient is the Monte Carlo estimator of ∂L_s/∂W (Xu et al. eq. 12).
+
+        Every term is divided by the number of words in the batch, so that the loss scale does
+        not depend on caption lengths; for hard attention that is a constant factor on the
+        estimator 1/N Σ_n [..].
 
         Args:
             images: (B, 3, S, S).
             captions: (B, T) `<start> .. <end> <pad>..`.
+            locations: (B, T-1) cells to force, for hard attention (tests use it to enumerate).
         """
-        logits, alphas = self(images, captions)
+        annotations = self.encode(images)
+        attention = self.decoder.attention
+        hard = isinstance(attention, HardAttention) and self.training
+        if hard and attention.samples > 1:  # N location samples per image share one encoding
+            annotations = annotations.repeat_interleave(attention.samples, dim=0)
+            captions = captions.repeat_interleave(attention.samples, dim=0)
+        out = self.decoder(annotations, captions, locations)
         targets = captions[:, 1:]  # (B, T-1) predict the next word
         mask = targets != PAD_ID  # padding is not a word: it must not count
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD_ID)
+        n_words = mask.sum()
+        token_nll = F.cross_entropy(
+            out.logits.transpose(1, 2), targets, ignore_index=PAD_ID, reduction="none"
+        )  # (B, T-1), 0 at padding
+        nll = token_nll.sum() / n_words
         # Σ_t α_ti over the real steps only: each location should be looked at about once.
-        mass = (alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, T-1, L) -> (B, L)
+        mass = (out.alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, T-1, L) -> (B, L)
         reg = ((1.0 - mass) ** 2).sum(dim=1).mean()
-        return Losses(nll + self.doubly_stochastic * reg, nll, reg)
+        loss = nll + self.doubly_stochastic * reg
+        if hard:
+            log_p_y = -token_nll.sum(dim=1).detach()  # (B,) the reward log p(y | s̃, a)
+            log_p_s = (out.location_log_probs * mask).sum(dim=1)  # (B,) log p(s̃ | a)
+            entropy = (out.entropies * mask).sum(dim=1)  # (B,) Σ_t H[α_t]
+            advantage = log_p_y - attention.baseline  # computed before b moves
+            surrogate = attention.reward_weight * advantage * log_p_s
+            surrogate = surrogate + attention.entropy_weight * entropy
+            loss = loss - surrogate.sum() / n_words
+            attention.update_baseline(log_p_y.mean())
+        return Losses(loss, nll, reg)
 
     @torch.no_grad()
     def generate(
@@ -114,18 +144,18 @@ class Captioner(nn.Module):
 
     def _sequential(
         self, annotations: Tensor, max_len: int, sample: bool, temperature: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         """Greedy decoding, or ancestral sampling at a temperature."""
         B, L, D = annotations.shape
         dec = self.decoder
-        keys = dec.attention.keys(annotations)
+        memory = dec.attention.prepare(annotations)
         state = dec.init_state(annotations)
         y = annotations.new_full((B,), START_ID, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool, device=annotations.device)
         log_prob = annotations.new_zeros(B)
-        tokens, alphas, betas = [], [], []
+        tokens, alphas, betas, locations = [], [], [], []
         for _ in range(max_len):
-            step = dec.step(y, state, annotations, keys)
+            step = dec.step(y, state, annotations, memory)
             logits = _no_specials(step.logits)
             logp = logits.log_softmax(-1)  # (B, V)
             if sample:
@@ -135,17 +165,19 @@ class Captioner(nn.Module):
             log_prob += torch.where(done, 0.0, logp.gather(1, y[:, None]).squeeze(1))
             y = y.masked_fill(done, PAD_ID)  # finished captions only pad
             tokens.append(y)
-            alphas.append(step.alpha.masked_fill(done[:, None], 0.0))
+            alphas.append(step.attention.alpha.masked_fill(done[:, None], 0.0))
             betas.append(step.beta.masked_fill(done, 0.0))
+            locations.append(step.attention.location.masked_fill(done, -1))
             done = done | (y == END_ID)
             state = step.state
             if done.all():
                 break
-        return torch.stack(tokens, 1), torch.stack(alphas, 1), log_prob, torch.stack(betas, 1)
+        stack = [torch.stack(x, 1) for x in (tokens, alphas, betas, locations)]
+        return stack[0], stack[1], log_prob, stack[2], stack[3]
 
     def _beam(
         self, annotations: Tensor, K: int, max_len: int, length_penalty: float
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         """Beam search over all images at once: B*K hypotheses advance as one batch.
 
         Finished hypotheses stay in the beam, extended by `<pad>` at no cost, so they compete
@@ -155,66 +187,46 @@ class Captioner(nn.Module):
         B, L, D = annotations.shape
         dec = self.decoder
         device = annotations.device
-        a = annotations.repeat_interleave(
-            K, dim=0
-        )  # (B*K, L, D), image b's beams are rows bK..bK+K-1
-        keys = dec.attention.keys(a)
+        a = annotations.repeat_interleave(K, dim=0)  # (B*K, L, D): image b's beams are rows bK..
+        memory = dec.attention.prepare(a)
         state = dec.init_state(a)
         y = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
         scores = annotations.new_zeros(B, K)
         scores[:, 1:] = float("-inf")  # all beams start equal: keep one, or topk picks K copies
         done = torch.zeros(B, K, dtype=torch.bool, device=device)
+        # Per-hypothesis histories (B, K, t, ...), reordered by parent beam at every step.
         tokens = torch.empty(B, K, 0, dtype=torch.long, device=device)
+        locations = torch.empty(B, K, 0, dtype=torch.long, device=device)
         alphas = annotations.new_empty(B, K, 0, L)
         betas = annotations.new_empty(B, K, 0)
         offsets = torch.arange(B, device=device).unsqueeze(1) * K  # (B, 1) row of beam 0
         for _ in range(max_len):
-            step = dec.step(y, state, a, keys)
-            logp = (
-                _no_specials(step.logits).log_softmax(-1).view(B, K, -1)
-            )  # (B, K, V) log-probs, not logits
+            step = dec.step(y, state, a, memory)
+            logp = _no_specials(step.logits).log_softmax(-1).view(B, K, -1)  # log-probs, not logits
             V = logp.shape[-1]
             # A finished hypothesis has one continuation, <pad>, which costs nothing.
             pad_only = torch.full_like(logp[0, 0], float("-inf"))
             pad_only[PAD_ID] = 0.0
             logp = torch.where(done.unsqueeze(-1), pad_only, logp)
-            top, idx = (scores.unsqueeze(-1) + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
+            scores, idx = (scores.unsqueeze(-1) + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
             parent = torch.div(idx, V, rounding_mode="floor")  # integer division of indices
             word = idx % V
             rows = (offsets + parent).view(-1)  # (B*K,) flat index of each parent hypothesis
-            scores = top
-            tokens = torch.cat(
-                [
-                    tokens.gather(1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])),
-                    word.unsqueeze(-1),
-                ],
-                dim=-1,
-            )
-            alphas = torch.cat(
-                [
-                    alphas[torch.arange(B, device=device)[:, None], parent],
-                    step.alpha[rows].view(B, K, 1, L),
-                ],
-                dim=2,
-            )
-            betas = torch.cat(
-                [
-                    betas[torch.arange(B, device=device)[:, None], parent],
-                    step.beta[rows].view(B, K, 1),
-                ],
-                dim=2,
-            )
+            # The attention that produced word t is its parent's at this step.
+            tokens = _extend(tokens, parent, word)
+            alphas = _extend(alphas, parent, step.attention.alpha[rows].view(B, K, L))
+            betas = _extend(betas, parent, step.beta[rows].view(B, K))
+            locations = _extend(locations, parent, step.attention.location[rows].view(B, K))
             done = done.gather(1, parent) | (word == END_ID)
             state = (step.state[0][rows], step.state[1][rows])
             y = word.view(-1)
             if done.all():
                 break
-        lengths = ((tokens != PAD_ID).sum(-1)).clamp(min=1).float()  # (B, K)
+        lengths = (tokens != PAD_ID).sum(-1).clamp(min=1).float()  # (B, K)
         ranked = scores / lengths.pow(length_penalty)
         # Prefer complete captions; fall back to the best unfinished one.
-        ranked = torch.where(
-            done.any(1, keepdim=True), ranked.masked_fill(~done, float("-inf")), ranked
-        )
+        finished = ranked.masked_fill(~done, float("-inf"))
+        ranked = torch.where(done.any(1, keepdim=True), finished, ranked)
         best = ranked.argmax(dim=1)  # (B,)
         b = torch.arange(B, device=device)
         keep = tokens[b, best] != PAD_ID  # (B, T) zero out the steps after <end>
@@ -223,7 +235,14 @@ class Captioner(nn.Module):
             alphas[b, best] * keep.unsqueeze(-1),
             scores[b, best],
             betas[b, best] * keep,
+            locations[b, best].masked_fill(~keep, -1),
         )
+
+
+def _extend(history: Tensor, parent: Tensor, new: Tensor) -> Tensor:
+    """Reorder histories (B, K, t, ...) by parent beam (B, K) and append this step (B, K, ...)."""
+    rows = torch.arange(parent.shape[0], device=parent.device).unsqueeze(1)  # (B, 1)
+    return torch.cat([history[rows, parent], new.unsqueeze(2)], dim=2)
 
 
 def _no_specials(logits: Tensor) -> Tensor:

@@ -9,13 +9,22 @@ import torch
 from torch import Tensor, nn
 
 from caption.data.vocab import PAD_ID
+from caption.models.attention import AttentionOutput
 
 
 class DecoderStep(NamedTuple):
     logits: Tensor  # (B, V) unnormalised p(y_t)
     state: tuple[Tensor, Tensor]  # (h_t, c_t), each (B, H)
-    alpha: Tensor  # (B, L) attention weights at this step
+    attention: AttentionOutput  # α_t, the cell looked at, and the hard estimator's terms
     beta: Tensor  # (B,) the gate on the context
+
+
+class DecoderOutput(NamedTuple):
+    logits: Tensor  # (B, T-1, V) predicting captions[:, 1:]
+    alphas: Tensor  # (B, T-1, L)
+    locations: Tensor  # (B, T-1) the cell looked at per word
+    location_log_probs: Tensor | None  # (B, T-1) log p(s_t | a), hard attention only
+    entropies: Tensor | None  # (B, T-1) H[α_t], hard attention only
 
 
 class Decoder(nn.Module):
@@ -82,19 +91,31 @@ class Decoder(nn.Module):
         return self.init_h(mean), self.init_c(mean)
 
     def advance(
-        self, emb: Tensor, state: tuple[Tensor, Tensor], annotations: Tensor, keys: Tensor
-    ) -> tuple[tuple[Tensor, Tensor], Tensor, Tensor, Tensor]:
+        self,
+        emb: Tensor,
+        state: tuple[Tensor, Tensor],
+        annotations: Tensor,
+        memory: object,
+        location: Tensor | None = None,
+    ) -> tuple[tuple[Tensor, Tensor], Tensor, AttentionOutput, Tensor]:
         """One LSTM step: attend with h_{t-1}, gate, then update the state.
 
+        Args:
+            emb: E y_{t-1}, (B, m).
+            state: (h_{t-1}, c_{t-1}).
+            annotations: a, (B, L, D).
+            memory: `attention.prepare(annotations)`.
+            location: (B,) cells to force, for hard attention.
+
         Returns:
-            (h_t, c_t), the gated context ẑ_t (B, D), α_t (B, L) and β_t (B,).
+            (h_t, c_t), the gated context ẑ_t (B, D), the attention output and β_t (B,).
         """
         h, c = state
-        att = self.attention(h, annotations, keys)  # scores use h_{t-1}
+        att = self.attention(h, annotations, memory, location)  # scores use h_{t-1}
         beta = torch.sigmoid(self.f_beta(h)) if self.f_beta is not None else h.new_ones(len(h), 1)
-        z = beta * att.context  # (B, D) ẑ_t = β_t Σ_i α_ti a_i
+        z = beta * att.context  # (B, D) ẑ_t = β_t Σ_i α_ti a_i (soft) or β_t a_{s_t} (hard)
         h, c = self.lstm(torch.cat([emb, z], dim=-1), (h, c))
-        return (h, c), z, att.alpha, beta.squeeze(-1)
+        return (h, c), z, att, beta.squeeze(-1)
 
     def output(self, emb: Tensor, h: Tensor, z: Tensor) -> Tensor:
         """Logits of p(y_t); works on (B, m) or on whole sequences (B, T, m)."""
@@ -103,33 +124,45 @@ class Decoder(nn.Module):
         return self.L_o(self.dropout(h))
 
     def step(
-        self, y_prev: Tensor, state: tuple[Tensor, Tensor], annotations: Tensor, keys: Tensor
+        self, y_prev: Tensor, state: tuple[Tensor, Tensor], annotations: Tensor, memory: object
     ) -> DecoderStep:
         """Decode one word given the previous one, for inference."""
         emb = self.embed(y_prev)  # (B,) -> (B, m)
-        state, z, alpha, beta = self.advance(emb, state, annotations, keys)
-        return DecoderStep(self.output(emb, state[0], z), state, alpha, beta)
+        state, z, att, beta = self.advance(emb, state, annotations, memory)
+        return DecoderStep(self.output(emb, state[0], z), state, att, beta)
 
-    def forward(self, annotations: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, annotations: Tensor, captions: Tensor, locations: Tensor | None = None
+    ) -> DecoderOutput:
         """Teacher forcing over whole captions.
 
         Args:
             annotations: a (B, L, D).
             captions: (B, T) token ids `<start> w_1 .. w_n <end> <pad>..`.
-
-        Returns:
-            logits (B, T-1, V) predicting captions[:, 1:], and alphas (B, T-1, L).
+            locations: (B, T-1) cells to force at each step (hard attention only).
         """
         B, T = captions.shape
-        keys = self.attention.keys(annotations)  # once per image, not once per step
+        memory = self.attention.prepare(annotations)  # once per image, not once per step
         state = self.init_state(annotations)
         emb = self.embed(captions[:, :-1])  # (B, T-1, m) E y_{t-1}
-        hs, zs, alphas = [], [], []
+        hs, zs, atts = [], [], []
         for t in range(T - 1):
-            state, z, alpha, _ = self.advance(emb[:, t], state, annotations, keys)
+            forced = locations[:, t] if locations is not None else None
+            state, z, att, _ = self.advance(emb[:, t], state, annotations, memory, forced)
             hs.append(state[0])
             zs.append(z)
-            alphas.append(alpha)
+            atts.append(att)
         # The output layer has no recurrence: one batched matmul over all steps.
         logits = self.output(emb, torch.stack(hs, 1), torch.stack(zs, 1))  # (B, T-1, V)
-        return logits, torch.stack(alphas, 1)
+
+        def stacked(field: str) -> Tensor | None:
+            values = [getattr(a, field) for a in atts]
+            return None if values[0] is None else torch.stack(values, 1)
+
+        return DecoderOutput(
+            logits,
+            stacked("alpha"),
+            stacked("location"),
+            stacked("log_prob"),
+            stacked("entropy"),
+        )
