@@ -16,6 +16,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -68,6 +69,11 @@ def constant_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The base learning rate throughout."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides of this Hydra run (empty when `train` is called directly)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _absolute_data_paths(cfg: DictConfig) -> None:
@@ -248,7 +254,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "images_per_sec": train_images / train_seconds if train_seconds else 0.0,
         "parameters": n_params,
+        "overrides": _overrides(),
     }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("done: %s", json.dumps(summary))
     return summary
 

@@ -13,11 +13,11 @@ from caption.data.shapes import generate_shapes
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# A model small enough for a test to train in seconds, with the default architecture.
+# A model small enough for a test to train in seconds, with the default architecture
+# (no `model.score.*` keys: they differ between score functions).
 TINY_MODEL = [
     "model.embed_dim=16",
     "model.hidden_dim=32",
-    "model.score.hidden_dim=16",
     "model.encoder.channels=[8,16,16]",
 ]
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
+from caption.errors import CaptionError
 from caption.models.captioner import Captioner
 from tests.conftest import TINY_MODEL, compose_config
 
@@ -43,7 +44,11 @@ VARIANTS = [
     ["model.dropout=0"],
     ["model.score.activation=relu"],
     ["model.encoder.coord_channels=false"],
+    ["model.heads=4"],
+    ["model.input_feeding=true"],
+    ["model.heads=2", "model.input_feeding=true"],
     ["model/attention=hard"],
+    ["model/attention=hard", "model.input_feeding=true"],
     ["model/attention=hard", "model.attention.samples=3", "model.attention.coin=batch"],
 ]
 
@@ -184,3 +189,29 @@ def test_sampling_is_reproducible_with_a_seed() -> None:
     assert torch.equal(a.tokens, b.tokens)
     with pytest.raises(ValueError, match="strategy"):
         model.generate(images, strategy="nucleus")
+
+
+def test_one_head_is_single_head_attention() -> None:
+    one = tiny_model("model.heads=1", seed=21)
+    assert not hasattr(one.decoder.attention, "attend")  # the plain weighting, no wrapper
+    two = tiny_model("model.heads=2", seed=21)
+    assert len(two.decoder.attention.attend) == 2
+    images, captions = random_batch()
+    out = two.eval()(images, captions)
+    assert torch.allclose(out.alphas.sum(-1), torch.ones(out.alphas.shape[:2]), atol=1e-5)
+
+
+def test_multi_head_refuses_hard_attention() -> None:
+    with pytest.raises(CaptionError, match=r"model\.heads"):
+        tiny_model("model.heads=2", "model/attention=hard")
+
+
+def test_input_feeding_feeds_the_attentional_vector() -> None:
+    model = tiny_model("model.input_feeding=true", "model.dropout=0").eval()
+    images, captions = random_batch()
+    base = model(images, captions).logits
+    with torch.no_grad():  # h̃ enters the LSTM: changing W_c changes later words, not the first
+        model.decoder.W_c.weight.add_(0.5)
+    changed = model(images, captions).logits
+    assert torch.allclose(base[:, 0], changed[:, 0])
+    assert not torch.allclose(base[:, 1:], changed[:, 1:])

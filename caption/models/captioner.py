@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import HardAttention
 from caption.models.decoder import Decoder, DecoderOutput
+from caption.models.self_attention import AnnotationSelfAttention
 
 STRATEGIES = ("greedy", "beam", "sample")
 
@@ -40,6 +41,8 @@ class Captioner(nn.Module):
         score: builds the score function (`model/score`).
         vocab_size: V.
         doubly_stochastic: λ of the penalty λ Σ_i (1 - Σ_t α_ti)² (0 switches it off).
+        encoder_self_attention: options of `AnnotationSelfAttention` (`layers`, `heads`,
+            `ff_dim`, `dropout`): self-attention over the annotation vectors before decoding.
         **decoder_kwargs: the remaining `Decoder` options.
     """
 
@@ -50,10 +53,14 @@ class Captioner(nn.Module):
         score: Callable[..., nn.Module],
         vocab_size: int,
         doubly_stochastic: float = 1.0,
-        **decoder_kwargs,
+        encoder_self_attention: Mapping[str, Any] | None = None,
+        **decoder_kwargs: Any,
     ) -> None:
         super().__init__()
         self.encoder = encoder
+        self.self_attention = AnnotationSelfAttention(
+            encoder.out_dim, **(encoder_self_attention or {})
+        )
         self.decoder = Decoder(vocab_size, encoder.out_dim, attention, score, **decoder_kwargs)
         self.doubly_stochastic = doubly_stochastic
 
@@ -61,7 +68,12 @@ class Captioner(nn.Module):
         """Annotation vectors a (B, L, D) of uint8 or [0, 1] float images (B, 3, S, S)."""
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
-        return self.encoder(images)
+        annotations = self.encoder(images)
+        if self.self_attention.layers:
+            annotations = self.self_attention(
+                annotations, self.encoder.grid_shape(images.shape[-1])
+            )
+        return annotations
 
     def forward(
         self, images: Tensor, captions: Tensor, locations: Tensor | None = None
@@ -218,7 +230,7 @@ class Captioner(nn.Module):
             betas = _extend(betas, parent, step.beta[rows].view(B, K))
             locations = _extend(locations, parent, step.attention.location[rows].view(B, K))
             done = done.gather(1, parent) | (word == END_ID)
-            state = (step.state[0][rows], step.state[1][rows])
+            state = tuple(x[rows] for x in step.state)
             y = word.view(-1)
             if done.all():
                 break

@@ -10,11 +10,12 @@ from torch import Tensor, nn
 
 from caption.data.vocab import PAD_ID
 from caption.models.attention import AttentionOutput
+from caption.models.multihead import MultiHeadAttention
 
 
 class DecoderStep(NamedTuple):
     logits: Tensor  # (B, V) unnormalised p(y_t)
-    state: tuple[Tensor, Tensor]  # (h_t, c_t), each (B, H)
+    state: tuple[Tensor, ...]  # (h_t, c_t), plus h̃_t with input feeding; each (B, H)
     attention: AttentionOutput  # α_t, the cell looked at, and the hard estimator's terms
     beta: Tensor  # (B,) the gate on the context
 
@@ -44,6 +45,9 @@ class Decoder(nn.Module):
         gate: scale the context by a scalar β_t = σ(f_β(h_{t-1})).
         deep_output: p(y_t) ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z ẑ_t)) (else L_o h_t).
         deep_output_activation: `tanh` before L_o (the authors' code) or `none` (the paper).
+        heads: h attention heads (1: the paper's single attention).
+        input_feeding: feed the previous attentional vector h̃_{t-1} = tanh(W_c [ẑ_{t-1}; h_{t-1}])
+            into the LSTM with the next word (Luong et al. 2015).
     """
 
     def __init__(
@@ -59,13 +63,20 @@ class Decoder(nn.Module):
         gate: bool = True,
         deep_output: bool = True,
         deep_output_activation: str = "none",
+        heads: int = 1,
+        input_feeding: bool = False,
     ) -> None:
         super().__init__()
         D, H, m = annotation_dim, hidden_dim, embed_dim
         self.hidden_dim = H
         self.embed = nn.Embedding(vocab_size, m, padding_idx=PAD_ID)  # E
-        self.attention = attention(score=score, query_dim=H, key_dim=D)
-        self.lstm = nn.LSTMCell(m + D, H)
+        if heads == 1:
+            self.attention = attention(score=score, query_dim=H, key_dim=D)
+        else:
+            self.attention = MultiHeadAttention(attention, score, H, D, heads)
+        self.input_feeding = input_feeding
+        self.W_c = nn.Linear(D + H, H) if input_feeding else None
+        self.lstm = nn.LSTMCell(m + D + H * input_feeding, H)
         self.init_from_mean = init_from_mean
         if init_from_mean:
             self.init_h = nn.Sequential(nn.Linear(D, H), nn.Tanh())  # f_init,h
@@ -81,28 +92,30 @@ class Decoder(nn.Module):
         else:
             self.L_o = nn.Linear(H, vocab_size)
 
-    def init_state(self, annotations: Tensor) -> tuple[Tensor, Tensor]:
-        """(h_0, c_0) from the mean annotation vector, or zeros."""
+    def init_state(self, annotations: Tensor) -> tuple[Tensor, ...]:
+        """(h_0, c_0) from the mean annotation vector, or zeros; plus h̃_0 = 0 with input feeding."""
         B, L, D = annotations.shape
-        if not self.init_from_mean:
-            h = annotations.new_zeros(B, self.hidden_dim)
-            return h, h.clone()
-        mean = annotations.mean(dim=1)  # (B, D)
-        return self.init_h(mean), self.init_c(mean)
+        zeros = annotations.new_zeros(B, self.hidden_dim)
+        if self.init_from_mean:
+            mean = annotations.mean(dim=1)  # (B, D)
+            h, c = self.init_h(mean), self.init_c(mean)
+        else:
+            h, c = zeros, zeros.clone()
+        return (h, c, zeros) if self.input_feeding else (h, c)
 
     def advance(
         self,
         emb: Tensor,
-        state: tuple[Tensor, Tensor],
+        state: tuple[Tensor, ...],
         annotations: Tensor,
         memory: object,
         location: Tensor | None = None,
-    ) -> tuple[tuple[Tensor, Tensor], Tensor, AttentionOutput, Tensor]:
+    ) -> tuple[tuple[Tensor, ...], Tensor, AttentionOutput, Tensor]:
         """One LSTM step: attend with h_{t-1}, gate, then update the state.
 
         Args:
             emb: E y_{t-1}, (B, m).
-            state: (h_{t-1}, c_{t-1}).
+            state: (h_{t-1}, c_{t-1}), plus h̃_{t-1} with input feeding.
             annotations: a, (B, L, D).
             memory: `attention.prepare(annotations)`.
             location: (B,) cells to force, for hard attention.
@@ -110,12 +123,17 @@ class Decoder(nn.Module):
         Returns:
             (h_t, c_t), the gated context ẑ_t (B, D), the attention output and β_t (B,).
         """
-        h, c = state
+        h, c = state[:2]
         att = self.attention(h, annotations, memory, location)  # scores use h_{t-1}
         beta = torch.sigmoid(self.f_beta(h)) if self.f_beta is not None else h.new_ones(len(h), 1)
         z = beta * att.context  # (B, D) ẑ_t = β_t Σ_i α_ti a_i (soft) or β_t a_{s_t} (hard)
-        h, c = self.lstm(torch.cat([emb, z], dim=-1), (h, c))
-        return (h, c), z, att, beta.squeeze(-1)
+        if not self.input_feeding:
+            h, c = self.lstm(torch.cat([emb, z], dim=-1), (h, c))
+            return (h, c), z, att, beta.squeeze(-1)
+        # Input feeding: last step's attentional vector tells the LSTM where it looked before.
+        h, c = self.lstm(torch.cat([emb, z, state[2]], dim=-1), (h, c))
+        feed = torch.tanh(self.W_c(torch.cat([z, h], dim=-1)))  # (B, H) h̃_t
+        return (h, c, feed), z, att, beta.squeeze(-1)
 
     def output(self, emb: Tensor, h: Tensor, z: Tensor) -> Tensor:
         """Logits of p(y_t); works on (B, m) or on whole sequences (B, T, m)."""
@@ -124,7 +142,7 @@ class Decoder(nn.Module):
         return self.L_o(self.dropout(h))
 
     def step(
-        self, y_prev: Tensor, state: tuple[Tensor, Tensor], annotations: Tensor, memory: object
+        self, y_prev: Tensor, state: tuple[Tensor, ...], annotations: Tensor, memory: object
     ) -> DecoderStep:
         """Decode one word given the previous one, for inference."""
         emb = self.embed(y_prev)  # (B,) -> (B, m)
