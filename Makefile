@@ -45,3 +45,4 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/feature_cache.py

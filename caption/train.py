@@ -25,6 +25,7 @@ from tqdm import tqdm
 from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
 from caption.config import CONF_DIR, check_train_config, resolve_device
 from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
+from caption.data.features import FeatureBank
 from caption.data.karpathy import read_karpathy
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError, cli_guard
@@ -106,9 +107,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         min_count=cfg.data.min_count,
         max_size=cfg.data.vocab_size,
     )
-    size, preload = cfg.data.image_size, cfg.data.preload
-    train_bank = ImageBank(splits["train"], size, preload)
-    val_bank = ImageBank(splits["val"][: cfg.trainer.val_max_images], size, preload)
+    model = build_model(cfg.model, len(vocab)).to(device)
+    d = cfg.data
+    preload = d.preload and not d.feature_cache  # the cache replaces images in memory
+    train_bank = ImageBank(splits["train"], d.image_size, preload)
+    val_bank = ImageBank(splits["val"][: cfg.trainer.val_max_images], d.image_size, preload)
+    if d.feature_cache:  # a frozen encoder's vectors, computed once: epochs run the decoder only
+        cache = {
+            "root": d.feature_cache_dir,
+            "dtype": d.feature_cache_dtype,
+            "batch_size": d.batch_size,
+            "num_workers": d.num_workers,
+            "device": device,
+        }
+        train_bank = FeatureBank.build(model.encoder, train_bank, **cache)
+        val_bank = (
+            FeatureBank.build(model.encoder, val_bank, **cache) if len(val_bank) else val_bank
+        )
     train_set = CaptionDataset(train_bank, vocab, cfg.data.max_caption_len)
     log.info(
         "data: %d train images (%d captions), %d val images, vocabulary %d words",
@@ -126,7 +141,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(cfg.trainer.seed),
     )
 
-    model = build_model(cfg.model, len(vocab)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optimizer)(params=params)
     total_steps = cfg.trainer.max_epochs * len(loader)

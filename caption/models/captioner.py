@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -65,15 +66,27 @@ class Captioner(nn.Module):
         self.doubly_stochastic = doubly_stochastic
 
     def encode(self, images: Tensor) -> Tensor:
-        """Annotation vectors a (B, L, D) of uint8 or [0, 1] float images (B, 3, S, S)."""
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        annotations = self.encoder(images)
+        """Annotation vectors a (B, L, D) of uint8 or [0, 1] float images (B, 3, S, S).
+
+        3-D inputs are taken to be annotation vectors already, read from a feature cache of
+        the frozen encoder; only the trainable self-attention then runs on them.
+        """
+        if images.dim() == 3:
+            annotations = images.float()
+        else:
+            if images.dtype == torch.uint8:
+                images = images.float().div_(255)
+            annotations = self.encoder(images)
         if self.self_attention.layers:
-            annotations = self.self_attention(
-                annotations, self.encoder.grid_shape(images.shape[-1])
-            )
+            annotations = self.self_attention(annotations, self.grid(images))
         return annotations
+
+    def grid(self, images: Tensor) -> tuple[int, int]:
+        """The (H', W') grid of the annotation vectors for these images or cached annotations."""
+        if images.dim() == 3:  # cached annotations of square images: L = S * S
+            side = math.isqrt(images.shape[1])
+            return side, side
+        return self.encoder.grid_shape(images.shape[-1])
 
     def forward(
         self, images: Tensor, captions: Tensor, locations: Tensor | None = None
@@ -152,7 +165,7 @@ class Captioner(nn.Module):
             out = self._sequential(
                 annotations, max_len, sample=strategy == "sample", temperature=temperature
             )
-        return Generated(*out, grid=self.encoder.grid_shape(images.shape[-1]))
+        return Generated(*out, grid=self.grid(images))
 
     def _sequential(
         self, annotations: Tensor, max_len: int, sample: bool, temperature: float

@@ -1,0 +1,69 @@
+"""The frozen-encoder feature cache: same vectors as on the fly, keyed, and used by training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from caption.data.dataset import ImageBank
+from caption.data.features import FeatureBank, cache_key
+from caption.data.karpathy import read_karpathy
+from caption.errors import CaptionError
+from caption.models.encoder import Encoder
+from caption.train import train
+
+
+@pytest.fixture
+def bank(tiny_shapes: Path) -> ImageBank:
+    return ImageBank(read_karpathy(tiny_shapes)["val"], image_size=64, preload=False)
+
+
+def frozen(seed: int = 0) -> Encoder:
+    torch.manual_seed(seed)
+    return Encoder("small_cnn", fine_tune=False, channels=[8, 16])
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("float16", 2e-3)])
+def test_cached_features_equal_on_the_fly(bank: ImageBank, tmp_path: Path, dtype: str,
+                                          tol: float) -> None:
+    encoder = frozen()
+    cached = FeatureBank.build(encoder, bank, tmp_path, dtype=dtype, batch_size=5)
+    assert len(cached) == len(bank) and cached.records == bank.records
+    with torch.no_grad():
+        live = encoder(torch.stack([bank[i] for i in range(len(bank))]).float() / 255)
+    got = torch.stack([cached[i] for i in range(len(cached))])
+    assert got.dtype == torch.float32 and got.shape == live.shape
+    torch.testing.assert_close(got, live, atol=tol, rtol=tol)
+
+
+def test_cache_is_reused_and_keyed(bank: ImageBank, tmp_path: Path) -> None:
+    encoder = frozen()
+    first = FeatureBank.build(encoder, bank, tmp_path)
+    stamp = (first.folder / "features.npy").stat().st_mtime_ns
+    again = FeatureBank.build(encoder, bank, tmp_path)
+    assert again.folder == first.folder
+    assert (again.folder / "features.npy").stat().st_mtime_ns == stamp  # not recomputed
+    key = cache_key(encoder, bank, "float16")
+    assert cache_key(frozen(seed=1), bank, "float16") != key  # other weights
+    assert cache_key(encoder, bank, "float32") != key
+    smaller = ImageBank(bank.records, image_size=32, preload=False)
+    assert cache_key(encoder, smaller, "float16") != key  # other preprocessing
+    assert cache_key(encoder, ImageBank(bank.records[:3], 64, preload=False), "float16") != key
+
+
+def test_cache_refuses_a_trainable_encoder(bank: ImageBank, tmp_path: Path) -> None:
+    with pytest.raises(CaptionError, match="frozen encoder"):
+        FeatureBank.build(Encoder("small_cnn", channels=[8, 16]), bank, tmp_path)
+
+
+@pytest.mark.slow
+def test_training_from_the_cache(train_cfg: DictConfig, tmp_path: Path) -> None:
+    train_cfg.data.feature_cache = True
+    train_cfg.data.feature_cache_dir = str(tmp_path / "cache")
+    train_cfg.model.encoder.fine_tune = False
+    summary = train(train_cfg)
+    assert summary["steps"] == 24 and summary["best_val_bleu4"] >= 0
+    assert len(list((tmp_path / "cache").glob("*/features.npy"))) == 2  # train and val
