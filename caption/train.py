@@ -26,7 +26,7 @@ from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
 from caption.config import CONF_DIR, check_train_config, resolve_device
 from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
 from caption.data.features import FeatureBank
-from caption.data.karpathy import read_karpathy
+from caption.data.formats import absolute_spec, check_images, read_dataset
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError, cli_guard
 from caption.inference import score_bank
@@ -79,9 +79,9 @@ def _overrides() -> list[str]:
 
 def _absolute_data_paths(cfg: DictConfig) -> None:
     """Store data paths absolutely, so that a checkpoint evaluates from any working dir."""
-    for key in ("annotations", "images"):
+    for key in ("annotations", "images", "splits_file"):
         if cfg.data.get(key):
-            cfg.data[key] = str(Path(cfg.data[key]).expanduser().resolve())
+            cfg.data[key] = absolute_spec(cfg.data[key])
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -99,7 +99,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _absolute_data_paths(cfg)
     seed_everything(cfg.trainer.seed)
 
-    splits = read_karpathy(cfg.data.annotations, cfg.data.images)
+    d = cfg.data
+    splits = read_dataset(d.annotations, d.images, d.format, d.splits_file)
+    check_images(splits)
     if not splits["train"]:
         raise CaptionError(f"data.annotations: {cfg.data.annotations} has no train images")
     vocab = Vocabulary.build(
@@ -108,7 +110,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         max_size=cfg.data.vocab_size,
     )
     model = build_model(cfg.model, len(vocab)).to(device)
-    d = cfg.data
     preload = d.preload and not d.feature_cache  # the cache replaces images in memory
     train_bank = ImageBank(splits["train"], d.image_size, preload)
     val_bank = ImageBank(splits["val"][: cfg.trainer.val_max_images], d.image_size, preload)

@@ -27,8 +27,9 @@ def frozen(seed: int = 0) -> Encoder:
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("float16", 2e-3)])
-def test_cached_features_equal_on_the_fly(bank: ImageBank, tmp_path: Path, dtype: str,
-                                          tol: float) -> None:
+def test_cached_features_equal_on_the_fly(
+    bank: ImageBank, tmp_path: Path, dtype: str, tol: float
+) -> None:
     encoder = frozen()
     cached = FeatureBank.build(encoder, bank, tmp_path, dtype=dtype, batch_size=5)
     assert len(cached) == len(bank) and cached.records == bank.records
