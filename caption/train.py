@@ -72,6 +72,26 @@ def constant_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+def _optimizer(
+    cfg: DictConfig, model: torch.nn.Module
+) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """The optimizer over the decoder and the encoder's tunable blocks, in two groups.
+
+    The encoder's top-k blocks are in the optimizer from the start, even while they wait for
+    `fine_tune_from_epoch` (frozen parameters have no grad, so the optimizer skips them), so
+    the groups never change and a resumed run loads the same optimizer state. They get
+    `model.encoder.lr` when it is set.
+    """
+    encoder = model.encoder
+    in_encoder = {id(p) for p in encoder.parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_encoder]
+    tunable = encoder.tunable_parameters()
+    groups = [{"params": rest}]
+    if tunable:
+        groups.append({"params": tunable, **({"lr": encoder.lr} if encoder.lr else {})})
+    return instantiate(cfg.optimizer)(params=groups), rest + tunable
+
+
 def _overrides() -> list[str]:
     """The command-line overrides of this Hydra run (empty when `train` is called directly)."""
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -142,8 +162,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(cfg.trainer.seed),
     )
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optimizer)(params=params)
+    optimizer, params = _optimizer(cfg, model)
     total_steps = cfg.trainer.max_epochs * len(loader)
     if cfg.trainer.max_steps:
         total_steps = min(total_steps, cfg.trainer.max_steps)
@@ -179,6 +198,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stop = False
     while progress["epoch"] < t.max_epochs and not stop:
         epoch = progress["epoch"] + 1
+        if model.encoder.set_epoch(epoch):
+            log.info(
+                "encoder: training its top %d blocks from epoch %d",
+                model.encoder.trainable_top,
+                epoch,
+            )
         model.train()
         sums = {"loss": 0.0, "nll": 0.0, "attention_reg": 0.0}
         n_batches, epoch_images, start = 0, 0, time.perf_counter()

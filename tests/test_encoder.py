@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import inspect
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,11 @@ from torch import nn
 
 from caption.errors import CaptionError
 from caption.models.encoder import BACKBONES, Encoder, coord_grid, receptive_field
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "encoder"
+needs_timm = pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None, reason="efficientnet_lite0 needs the pretrained extra"
+)
 
 OUT_DIM = {
     "small_cnn": 64,
@@ -24,6 +32,7 @@ OUT_DIM = {
     "vgg19": 512,
     "mobilenet_v3_small": 576,
     "mobilenet_v3_large": 960,
+    "efficientnet_lite0": 1280,
 }
 
 
@@ -58,6 +67,7 @@ def test_registry_matches_expected_names() -> None:
         ("vgg19", 32, (2, 2)),
         ("mobilenet_v3_small", 64, (2, 2)),
         ("mobilenet_v3_large", 32, (1, 1)),
+        pytest.param("efficientnet_lite0", 64, (2, 2), marks=needs_timm),
     ],
 )
 def test_output_shape_and_grid_shape(name: str, size: int | tuple[int, int], grid: tuple) -> None:
@@ -235,3 +245,73 @@ def test_config_errors() -> None:
     with pytest.raises(ValueError, match="RGB"):
         shared("small_cnn")(torch.rand(1, 1, 64, 64))
     Encoder("small_cnn", fine_tune=False)  # random frozen features: pointless but allowed
+
+
+# blocks per backbone: ResNet stem + layer1..4, VGG's five conv stages, MobileNetV3's `features`,
+# EfficientNet-Lite0's stem + 7 stages + head, small_cnn's 3 widths + final conv
+N_BLOCKS = {
+    "small_cnn": 4,
+    "resnet18": 5,
+    "resnet34": 5,
+    "resnet50": 5,
+    "resnet101": 5,
+    "resnet152": 5,
+    "vgg16": 5,
+    "vgg19": 5,
+    "mobilenet_v3_small": 13,
+    "mobilenet_v3_large": 17,
+    "efficientnet_lite0": 9,
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n != "efficientnet_lite0" else pytest.param(n, marks=needs_timm) for n in N_BLOCKS],
+)
+def test_blocks_partition_the_backbone(name: str) -> None:
+    enc = shared(name)
+    blocks = enc.blocks()
+    assert len(blocks) == len(enc.block_names) == N_BLOCKS[name]
+    ids = [id(p) for b in blocks for p in b.parameters()]
+    assert ids == [id(p) for p in enc.backbone.parameters()]  # all of them, in order, once
+    if name not in {"small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_lite0"}:
+        return  # the same layer sequence; running the big trunks again adds only minutes
+    x = enc._stem(torch.rand(1, 3, 32, 32))
+    with torch.no_grad():
+        y = x
+        for b in blocks:
+            y = b(y)
+        torch.testing.assert_close(y, enc.backbone(x))
+
+
+def test_fine_tune_settings() -> None:
+    assert Encoder().fine_tune_top == 4 and Encoder().fine_tune  # fine_tune=True: all blocks
+    assert Encoder(fine_tune=False).fine_tune_top == 0
+    top = Encoder(fine_tune=False, fine_tune_top=1)  # k > 0 wins over fine_tune
+    trainable = {n for n, p in top.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {
+        n for n, _ in top.backbone.named_parameters() if int(n.split(".")[0]) >= 12
+    }
+    assert Encoder(fine_tune=True, fine_tune_top=0).fine_tune_top == 4  # 0 leaves it to fine_tune
+    later = Encoder(fine_tune_from_epoch=2)
+    assert not later.fine_tune and later.set_epoch(2) and later.fine_tune
+    for bad, match in [
+        ({"fine_tune_top": 5}, "4 blocks"),
+        ({"fine_tune_top": -1}, "fine_tune_top"),
+        ({"fine_tune_from_epoch": -1}, "fine_tune_from_epoch"),
+        ({"lr": 0.0}, "lr"),
+    ]:
+        with pytest.raises(ValueError, match=match) as info:
+            Encoder(**bad)
+        assert isinstance(info.value, CaptionError)
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
+def test_encoder_configs_match_the_signature(path: Path) -> None:
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.load(path)
+    params = set(inspect.signature(Encoder).parameters)
+    assert cfg.name == path.stem and cfg.name in BACKBONES
+    assert set(cfg) - {"_target_"} <= params
+    if cfg.name != "small_cnn":  # every ImageNet backbone exposes the fine-tuning schedule
+        assert {"fine_tune_top", "fine_tune_from_epoch", "lr"} <= set(cfg)

@@ -102,7 +102,9 @@ class FeatureBank:
                 f"config: data.feature_cache_dtype must be one of "
                 f"{', '.join(DTYPES)}, got {dtype!r}"
             )
-        if any(p.requires_grad for p in encoder.parameters()):
+        if any(p.requires_grad for p in encoder.parameters()) or getattr(
+            encoder, "fine_tune_top", 0
+        ):  # an encoder that unfreezes later would never train on cached vectors
             raise CaptionError(
                 "data.feature_cache needs a frozen encoder: set "
                 "model.encoder.fine_tune=false, or data.feature_cache=false"

