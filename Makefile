@@ -27,6 +27,10 @@ demo: $(STAMP) $(SHAPES)
 	$(BIN)/caption-generate checkpoint=$(DEMO)/checkpoints/best.pt \
 		images='data/shapes/images/test_0000?.png' output=$(DEMO)/captions.jsonl
 	head -n 5 $(DEMO)/captions.jsonl
+# Attention figures of three test images (quoted twice: `[` is Hydra override syntax).
+	$(BIN)/caption-visualize checkpoint=$(DEMO)/checkpoints/best.pt \
+		"images='data/shapes/images/test_0000[0-2].png'" output_dir=$(DEMO)/attention
+	@echo "attention figures: $(DEMO)/attention/"
 	$(BIN)/caption-evaluate checkpoint=$(DEMO)/checkpoints/best.pt split=test
 
 test: $(STAMP)

@@ -24,6 +24,12 @@ from caption.models.captioner import Captioner
 FORMAT = "caption-checkpoint"
 VERSION = 1
 
+# Classes that moved after checkpoints naming them were written: old `_target_` -> new.
+MOVED_TARGETS = {
+    f"caption.models.attention.{name}": f"caption.models.scores.{name}"
+    for name in ("AdditiveScore", "DotScore", "ScaledDotScore", "GeneralScore")
+}
+
 
 def save_checkpoint(path: str | Path, **content: Any) -> None:
     """Write `content` plus the format marker to `path` atomically.
@@ -100,6 +106,17 @@ def build_model(model_cfg: DictConfig, vocab_size: int, from_checkpoint: bool = 
         raise CaptionError(f"config: model cannot be built from this config ({reason})") from None
 
 
+def _retarget(node: Any) -> Any:
+    """A copy of a plain config tree with moved `_target_` classes renamed."""
+    if isinstance(node, dict):
+        return {
+            k: MOVED_TARGETS.get(v, v) if k == "_target_" else _retarget(v) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_retarget(v) for v in node]
+    return node
+
+
 def load_captioner(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Captioner, Vocabulary, DictConfig]:
@@ -109,7 +126,7 @@ def load_captioner(
         The model in eval mode on `device`, its vocabulary and its training config.
     """
     ckpt = load_checkpoint(path, map_location=device)
-    cfg = OmegaConf.create(ckpt["config"])
+    cfg = OmegaConf.create(_retarget(ckpt["config"]))  # older checkpoints name moved classes
     vocab = Vocabulary(ckpt["vocab"])
     model = build_model(cfg.model, len(vocab), from_checkpoint=True)
     try:

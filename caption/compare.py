@@ -57,7 +57,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         cells = [
             f"`{r['run']}`",
             f"{s['best_val_bleu4']:.4f}",
-            *(f"{r['eval'][k]:.4f}" if k in r["eval"] else "–" for k in evals),
+            # None: the metric had nothing to score (no object mentions), like a missing one.
+            *(f"{r['eval'][k]:.4f}" if r["eval"].get(k) is not None else "–" for k in evals),
             f"{s['train_seconds'] / 60:.1f} min",
             f"{s['parameters']:,}",
         ]

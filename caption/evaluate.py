@@ -16,7 +16,7 @@ from caption.config import CONF_DIR, check_choice, check_decoding, resolve_devic
 from caption.data.dataset import ImageBank
 from caption.data.karpathy import SPLITS, read_karpathy
 from caption.errors import CaptionError, cli_guard
-from caption.inference import score_bank
+from caption.inference import grounding_metrics, score_bank
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,13 @@ def default_output(checkpoint: str | Path, split: str) -> Path:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score a checkpoint on a split with BLEU-1..4 and write the metrics JSON.
 
+    On a dataset whose images carry `objects` (the shapes set), the grounding scores of
+    `caption.grounding` join them: for the generated captions, a uniform-attention baseline
+    and the reference captions under teacher forcing.
+
     Returns:
-        The metrics: `bleu1`..`bleu4`, plus `n_images` and the decoding settings.
+        The metrics: `bleu1`..`bleu4`, the grounding keys where there are objects, plus
+        `n_images` and the decoding settings.
     """
     check_choice(cfg, "split", SPLITS)
     check_decoding(cfg)
@@ -57,8 +62,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         device=device,
     )
+    if any(r.objects for r in bank.records):
+        metrics.update(
+            grounding_metrics(
+                model, bank, vocab, captions, batch_size=cfg.batch_size, device=device
+            )
+        )
     metrics = {
-        **{k: round(v, 4) for k, v in metrics.items()},
+        **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
         "n_images": len(bank),
         "split": cfg.split,
         "strategy": cfg.strategy,

@@ -5,10 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from PIL import Image
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
 from caption.data.dataset import ImageBank, ImageDataset
-from caption.data.vocab import Vocabulary
+from caption.data.karpathy import ImageRecord
+from caption.data.vocab import PAD_ID, Vocabulary
+from caption.grounding import (
+    GroundingTally,
+    cell_boxes,
+    find_mentions,
+    grounded_mentions,
+    object_vocabulary,
+    score_caption,
+)
 from caption.metrics import bleu
 from caption.models.captioner import Captioner
 
@@ -27,7 +39,9 @@ def decode_bank(
     """Caption every image of `bank` once.
 
     Returns:
-        Per image, in `bank.records` order: `{"tokens": [...], "log_prob": float}`.
+        Per image, in `bank.records` order: `{"tokens": [...], "log_prob": float,
+        "alphas": Tensor, "grid": (H', W')}`, where `alphas` (len(tokens), L) on the CPU is
+        the attention of each word (row t for word t), for grounding and visualizing.
     """
     was_training = model.training
     model.eval()
@@ -36,8 +50,19 @@ def decode_bank(
         gen = model.generate(
             images.to(device), strategy=strategy, beam_size=beam_size, max_len=max_len
         )
-        for tokens, log_prob in zip(gen.tokens.tolist(), gen.log_probs.tolist(), strict=True):
-            out.append({"tokens": vocab.decode(tokens), "log_prob": log_prob})
+        alphas = gen.alphas.cpu()  # (B, T, L): one copy per batch; rows below are views of it
+        for i, (tokens, log_prob) in enumerate(
+            zip(gen.tokens.tolist(), gen.log_probs.tolist(), strict=True)
+        ):
+            words = vocab.decode(tokens)
+            out.append(
+                {
+                    "tokens": words,
+                    "log_prob": log_prob,
+                    "alphas": alphas[i, : len(words)],
+                    "grid": gen.grid,
+                }
+            )
     model.train(was_training)
     return out
 
@@ -49,3 +74,123 @@ def score_bank(
     captions = decode_bank(model, bank, vocab, **decode)
     metrics = bleu([r.captions for r in bank.records], [c["tokens"] for c in captions])
     return metrics, captions
+
+
+@torch.no_grad()
+def reference_alphas(
+    model: Captioner,
+    bank: ImageBank,
+    vocab: Vocabulary,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    grounded_only: bool = True,
+) -> tuple[list[list[Tensor | None]], tuple[int, int]]:
+    """The attention of every reference caption under teacher forcing.
+
+    Caption `<start> w_0 w_1 .. <end>` is fed to the decoder; word w_i is predicted at step i
+    from α_i (computed from h_{i-1}), so row i of a caption's map belongs to its token i,
+    the same indexing as generated captions. Each image is encoded once for all its captions.
+
+    Args:
+        model: the captioner (run in eval mode, restored after).
+        bank: the images and their references.
+        vocab: maps reference words to ids (unknown words become `<unk>`).
+        batch_size: images per forward pass; each brings all its captions.
+        device: where the model is.
+        grounded_only: skip captions without `groundings` (their entry is None).
+
+    Returns:
+        Per record, per reference caption: alphas (len(tokens), L) on the CPU or None; and
+        the grid (H', W').
+    """
+    was_training = model.training
+    model.eval()
+    out: list[list[Tensor | None]] = [[None] * len(r.captions) for r in bank.records]
+    grid: tuple[int, int] = (0, 0)
+    for start in range(0, len(bank), batch_size):
+        chunk = range(start, min(start + batch_size, len(bank)))
+        pairs = [
+            (i, j)
+            for i in chunk
+            for j, tokens in enumerate(bank.records[i].captions)
+            if tokens
+            and (
+                not grounded_only
+                or (j < len(bank.records[i].groundings) and bank.records[i].groundings[j])
+            )
+        ]
+        images = torch.stack([bank[i] for i in chunk]).to(device)
+        grid = model.grid(images)
+        if not pairs:
+            continue
+        annotations = model.encode(images)  # (B, L, D) once per image
+        rows = torch.tensor([i - start for i, _ in pairs], device=annotations.device)
+        captions = pad_sequence(
+            [torch.tensor(vocab.encode(bank.records[i].captions[j])) for i, j in pairs],
+            batch_first=True,
+            padding_value=PAD_ID,
+        ).to(annotations.device)  # (P, T) <start> w_0 .. <end> <pad>..
+        alphas = model.decoder(annotations[rows], captions).alphas.cpu()  # (P, T-1, L)
+        for p, (i, j) in enumerate(pairs):
+            out[i][j] = alphas[p, : len(bank.records[i].captions[j])]
+    model.train(was_training)
+    return out, grid
+
+
+def original_size(record: ImageRecord) -> tuple[int, int]:
+    """The (width, height) of the record's image file, which its boxes are in.
+
+    The Karpathy file's `width`/`height` when present, else the file's header (no decoding).
+    """
+    if record.width and record.height:
+        return record.width, record.height
+    with Image.open(record.path) as im:
+        return im.size
+
+
+def grounding_metrics(
+    model: Captioner,
+    bank: ImageBank,
+    vocab: Vocabulary,
+    captions: list[dict[str, Any]],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict[str, float | int | None]:
+    """Grounding scores of generated captions, a uniform baseline and the references.
+
+    Args:
+        model: the captioner that generated `captions` (it is run again on the references).
+        bank: the images; records with `objects` are scored, the others skipped.
+        vocab: the model's vocabulary.
+        captions: what `decode_bank` returned for `bank`.
+        batch_size: images per forward pass for the references.
+        device: where the model is.
+
+    Returns:
+        `pointing_acc`, `attention_in_box`, `pointing_acc_uniform`,
+        `attention_in_box_uniform`, `n_mentions`, and `pointing_acc_reference`,
+        `attention_in_box_reference`, `n_mentions_reference` (means are None without mentions).
+    """
+    S = bank.image_size
+    vocabulary = object_vocabulary(o for r in bank.records for o in r.objects)
+    generated, reference = GroundingTally(), GroundingTally()
+    sizes = [original_size(r) if r.objects else None for r in bank.records]
+    for record, size, caption in zip(bank.records, sizes, captions, strict=True):
+        if not record.objects:
+            continue
+        mentions = find_mentions(caption["tokens"], record.objects, vocabulary)
+        cells = cell_boxes(caption["grid"], S)
+        score_caption(generated, caption["alphas"], mentions, record.objects, cells, size, S)
+    ref_alphas, grid = reference_alphas(model, bank, vocab, batch_size=batch_size, device=device)
+    cells = cell_boxes(grid, S)
+    for record, size, per_caption in zip(bank.records, sizes, ref_alphas, strict=True):
+        if not record.objects:
+            continue
+        for groundings, alphas in zip(record.groundings, per_caption, strict=False):
+            if alphas is None:
+                continue
+            mentions = grounded_mentions(groundings)
+            score_caption(reference, alphas, mentions, record.objects, cells, size, S)
+    return {**generated.metrics(), **reference.metrics("_reference", uniform=False)}

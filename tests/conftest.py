@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from caption.data.shapes import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+BIN = Path(sys.executable).parent  # the venv's console scripts
 
 # A model small enough for a test to train in seconds, with the default architecture
 # (no `model.score.*` keys: they differ between score functions).
@@ -52,3 +56,61 @@ def train_cfg(tiny_shapes: Path, tmp_path: Path) -> DictConfig:
             *TINY_MODEL,
         ],
     )
+
+
+def run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run one of the console scripts in a subprocess from the repository root."""
+    proc = subprocess.run(
+        [str(BIN / tool), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generate a tiny shapes set with the module CLI and train on it with caption-train.
+
+    Session-scoped: the CLI, visualizer and notebook tests share one tiny run. Returns the
+    folder holding `shapes/` and `run/`.
+    """
+    root = tmp_path_factory.mktemp("e2e")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "caption.data.shapes",
+            "--output",
+            str(root / "shapes"),
+            "--train",
+            "48",
+            "--val",
+            "8",
+            "--test",
+            "8",
+            "--seed",
+            "2",
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    run(
+        "caption-train",
+        f"data.annotations={root / 'shapes' / 'dataset_shapes.json'}",
+        f"data.images={root / 'shapes'}",
+        f"hydra.run.dir={root / 'run'}",
+        "trainer.max_epochs=2",
+        "trainer.max_steps=6",
+        "data.batch_size=16",
+        "trainer.progress=false",
+        "trainer.device=cpu",
+        *TINY_MODEL,
+    )
+    return root

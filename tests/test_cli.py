@@ -3,71 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import ROOT, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]
-BIN = Path(sys.executable).parent
-
-
-def run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(BIN / tool), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        timeout=300,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Generate a tiny shapes set with the module CLI and train on it with caption-train."""
-    root = tmp_path_factory.mktemp("e2e")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "caption.data.shapes",
-            "--output",
-            str(root / "shapes"),
-            "--train",
-            "48",
-            "--val",
-            "8",
-            "--test",
-            "8",
-            "--seed",
-            "2",
-        ],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    run(
-        "caption-train",
-        f"data.annotations={root / 'shapes' / 'dataset_shapes.json'}",
-        f"data.images={root / 'shapes'}",
-        f"hydra.run.dir={root / 'run'}",
-        "trainer.max_epochs=2",
-        "trainer.max_steps=6",
-        "data.batch_size=16",
-        "trainer.progress=false",
-        "trainer.device=cpu",
-        *TINY_MODEL,
-    )
-    return root
 
 
 def test_train_run_dir(trained: Path) -> None:

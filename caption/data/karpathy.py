@@ -29,6 +29,9 @@ class ImageRecord:
         captions: the reference captions, tokenised.
         objects: ground-truth objects (`box`, `words`), where the dataset has them.
         groundings: per caption, token index -> object index, where the dataset has them.
+        width: the original image's width in pixels, where the file says (boxes are in these
+            pixels).
+        height: the original image's height in pixels, where the file says.
     """
 
     imgid: int
@@ -37,6 +40,8 @@ class ImageRecord:
     captions: list[list[str]]
     objects: list[dict[str, Any]] = field(default_factory=list)
     groundings: list[dict[int, int]] = field(default_factory=list)
+    width: int | None = None
+    height: int | None = None
 
 
 def read_karpathy(
@@ -89,6 +94,8 @@ def read_karpathy(
                     {int(k): int(v) for k, v in s.get("groundings", {}).items()}
                     for s in img["sentences"]
                 ],
+                width=int(img["width"]) if img.get("width") else None,
+                height=int(img["height"]) if img.get("height") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CaptionError(

@@ -21,6 +21,9 @@ class AttentionOutput(NamedTuple):
     location: Tensor  # (B,) the cell a hard model chose, else the most attended cell
     log_prob: Tensor | None = None  # (B,) log p(s_t | a) of a sampled cell; 0 where not sampled
     entropy: Tensor | None = None  # (B,) H[α_t], for the hard estimator's entropy term
+    # (B, 2) p_t = (row, col) in cell units, local attention only: with its `window` radius
+    # that is enough to outline the window a word was allowed to look at.
+    position: Tensor | None = None
 
 
 class SoftAttention(nn.Module):

@@ -25,6 +25,9 @@ class Generated(NamedTuple):
     betas: Tensor  # (B, T) the gate of each generated word
     locations: Tensor  # (B, T) the cell each word looked at (hard) or attended most (soft)
     grid: tuple[int, int]  # (H', W'): reshape an alpha row to this to see it over the image
+    # (B, T, 2) local attention's window centre p_t per word, (row, col) in cell units, NaN
+    # after `<end>`; None for attentions without a window.
+    positions: Tensor | None = None
 
 
 class Losses(NamedTuple):
@@ -165,12 +168,17 @@ class Captioner(nn.Module):
             out = self._sequential(
                 annotations, max_len, sample=strategy == "sample", temperature=temperature
             )
-        return Generated(*out, grid=self.grid(images))
+        *fields, positions = out
+        return Generated(*fields, grid=self.grid(images), positions=positions)
 
     def _sequential(
         self, annotations: Tensor, max_len: int, sample: bool, temperature: float
     ) -> tuple[Tensor, ...]:
-        """Greedy decoding, or ancestral sampling at a temperature."""
+        """Greedy decoding, or ancestral sampling at a temperature.
+
+        Returns:
+            tokens, alphas, log_prob, betas, locations and positions (None without a window).
+        """
         B, L, D = annotations.shape
         dec = self.decoder
         memory = dec.attention.prepare(annotations)
@@ -178,7 +186,7 @@ class Captioner(nn.Module):
         y = annotations.new_full((B,), START_ID, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool, device=annotations.device)
         log_prob = annotations.new_zeros(B)
-        tokens, alphas, betas, locations = [], [], [], []
+        tokens, alphas, betas, locations, positions = [], [], [], [], []
         for _ in range(max_len):
             step = dec.step(y, state, annotations, memory)
             logits = _no_specials(step.logits)
@@ -193,12 +201,15 @@ class Captioner(nn.Module):
             alphas.append(step.attention.alpha.masked_fill(done[:, None], 0.0))
             betas.append(step.beta.masked_fill(done, 0.0))
             locations.append(step.attention.location.masked_fill(done, -1))
+            if step.attention.position is not None:
+                positions.append(step.attention.position.masked_fill(done[:, None], math.nan))
             done = done | (y == END_ID)
             state = step.state
             if done.all():
                 break
         stack = [torch.stack(x, 1) for x in (tokens, alphas, betas, locations)]
-        return stack[0], stack[1], log_prob, stack[2], stack[3]
+        position = torch.stack(positions, 1) if positions else None  # (B, T, 2)
+        return stack[0], stack[1], log_prob, stack[2], stack[3], position
 
     def _beam(
         self, annotations: Tensor, K: int, max_len: int, length_penalty: float
@@ -224,6 +235,7 @@ class Captioner(nn.Module):
         locations = torch.empty(B, K, 0, dtype=torch.long, device=device)
         alphas = annotations.new_empty(B, K, 0, L)
         betas = annotations.new_empty(B, K, 0)
+        positions = None  # (B, K, t, 2), for attentions that report a window centre
         offsets = torch.arange(B, device=device).unsqueeze(1) * K  # (B, 1) row of beam 0
         for _ in range(max_len):
             step = dec.step(y, state, a, memory)
@@ -242,6 +254,10 @@ class Captioner(nn.Module):
             alphas = _extend(alphas, parent, step.attention.alpha[rows].view(B, K, L))
             betas = _extend(betas, parent, step.beta[rows].view(B, K))
             locations = _extend(locations, parent, step.attention.location[rows].view(B, K))
+            if step.attention.position is not None:
+                if positions is None:
+                    positions = annotations.new_empty(B, K, 0, 2)
+                positions = _extend(positions, parent, step.attention.position[rows].view(B, K, 2))
             done = done.gather(1, parent) | (word == END_ID)
             state = tuple(x[rows] for x in step.state)
             y = word.view(-1)
@@ -255,12 +271,15 @@ class Captioner(nn.Module):
         best = ranked.argmax(dim=1)  # (B,)
         b = torch.arange(B, device=device)
         keep = tokens[b, best] != PAD_ID  # (B, T) zero out the steps after <end>
+        if positions is not None:
+            positions = positions[b, best].masked_fill(~keep.unsqueeze(-1), math.nan)
         return (
             tokens[b, best],
             alphas[b, best] * keep.unsqueeze(-1),
             scores[b, best],
             betas[b, best] * keep,
             locations[b, best].masked_fill(~keep, -1),
+            positions,
         )
 
 

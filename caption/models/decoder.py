@@ -26,6 +26,7 @@ class DecoderOutput(NamedTuple):
     locations: Tensor  # (B, T-1) the cell looked at per word
     location_log_probs: Tensor | None  # (B, T-1) log p(s_t | a), hard attention only
     entropies: Tensor | None  # (B, T-1) H[α_t], hard attention only
+    positions: Tensor | None = None  # (B, T-1, 2) local attention's p_t (row, col) in cells
 
 
 class Decoder(nn.Module):
@@ -183,4 +184,5 @@ class Decoder(nn.Module):
             stacked("location"),
             stacked("log_prob"),
             stacked("entropy"),
+            stacked("position"),
         )

@@ -50,8 +50,9 @@ class LocalAttention(SoftAttention):
         monotonic: p_t = the centre of cell t mod L in raster (row-major) scan order. Images
             have no natural reading order, so this is a baseline only; it has no parameters.
 
-    `location` in the output is the cell containing p_t, and `last_position` keeps the last
-    p_t (B, 2), detached: with `window` that is enough for a visualizer to outline the window.
+    `location` in the output is the cell containing p_t and `position` is p_t (B, 2), detached;
+    with `window` that is enough for a visualizer to outline the window. `last_position`
+    keeps the last step's p_t as well.
 
     Args:
         score: builds the score function given `query_dim` and `key_dim`.
@@ -147,4 +148,4 @@ class LocalAttention(SoftAttention):
         alpha = logits.masked_fill(~inside, float("-inf")).softmax(dim=-1)  # 0 outside exactly
         context = torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)  # (B, 1, L) @ (B, L, D)
         self.last_position = p.detach()
-        return AttentionOutput(context, alpha, here)
+        return AttentionOutput(context, alpha, here, position=self.last_position)

@@ -1,0 +1,367 @@
+"""Attention figures: the image, then one panel per generated word with its attention map.
+
+`attention_figure(image, words, alphas, grid)` returns a matplotlib `Figure` (for notebooks:
+make it the cell's last expression); `caption-visualize` writes one PNG per image:
+
+    caption-visualize checkpoint=outputs/demo/checkpoints/best.pt \
+        images='data/shapes/images/test_0000?.png' output_dir=outputs/demo/attention
+
+Each word's map α_t (H'×W') is upsampled bicubically to the displayed image, lightly blurred
+with a Gaussian (a fraction of a cell), drawn in `inferno` and alpha-blended over the image.
+All panels of a figure share one colour scale, 0 to the largest α of the caption, so that a
+diffuse map looks dim beside a peaked one (`normalize="panel"` scales each panel to its own
+maximum instead); either scale reaches at least 4/L, four times the uniform weight, so that
+a nearly uniform map is not stretched to full brightness. Hard attention marks the cell each
+word looked at; local attention outlines the square window around p_t that its α was
+confined to.
+
+The figure is built on `matplotlib.figure.Figure` without pyplot, so it needs no GUI backend,
+is never shown twice in a notebook and is freed when dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from omegaconf import DictConfig
+from PIL import Image
+from torch import Tensor
+
+from caption.checkpoint import load_captioner
+from caption.config import CONF_DIR, check_choice, check_decoding, check_int, resolve_device
+from caption.data.images import expand_images, load_image
+from caption.errors import CaptionError, cli_guard
+from caption.models.attention import HardAttention
+from caption.models.local import LocalAttention
+
+log = logging.getLogger(__name__)
+
+CMAP = "inferno"
+OVERLAY_ALPHA = 0.6  # the heat map's opacity over the image
+BLUR_CELLS = 0.25  # Gaussian σ of the smoothing, in cells
+# The colour scale tops out at no less than this many times the uniform weight 1/L, so that a
+# nearly uniform map stays dim instead of being stretched to full brightness.
+MIN_VMAX_UNIFORM = 4.0
+MIN_DISPLAY = 256  # upsample maps to at least this many pixels per side, for smooth edges
+HARD_COLOR = "#00e5ff"  # cyan reads well on inferno's black-to-yellow
+WINDOW_COLOR = "#7CFC00"
+
+Window = tuple[float, float, float]  # (p_row, p_col, radius) in cell units
+
+
+def _as_rgb(image: Any) -> np.ndarray:
+    """An (H, W, 3) float array in [0, 1] from a tensor (3, H, W), an array or a PIL image."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, Tensor):
+        image = image.detach().cpu()
+        if image.dim() == 3 and image.shape[0] in (1, 3):
+            image = image.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        image = image.numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    return np.clip(array.astype(np.float32), 0, 1)
+
+
+def _gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (T, 1, H, W) maps with reflected borders."""
+    if sigma <= 0:
+        return maps
+    radius = min(max(1, math.ceil(3 * sigma)), min(maps.shape[-2:]) - 1)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    maps = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
+    maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))  # along x
+    return F.conv2d(maps, kernel.view(1, 1, -1, 1))  # along y
+
+
+def heat_maps(alphas: Tensor, grid: Sequence[int], size: tuple[int, int]) -> Tensor:
+    """Upsample attention maps to `size` with bicubic interpolation and a light Gaussian blur.
+
+    Args:
+        alphas: (T, L) or (T, H', W') attention weights.
+        grid: (H', W').
+        size: (height, width) of the output in pixels.
+
+    Returns:
+        (T, height, width) non-negative maps (bicubic overshoot is clipped at 0).
+    """
+    Hc, Wc = (int(g) for g in grid)
+    maps = alphas.detach().to("cpu", torch.float32).reshape(-1, 1, Hc, Wc)  # (T, 1, H', W')
+    maps = F.interpolate(maps, size=size, mode="bicubic", align_corners=False)
+    maps = _gaussian_blur(maps, BLUR_CELLS * size[0] / Hc)
+    return maps[:, 0].clamp(min=0)
+
+
+def window_cells(window: Window, grid: Sequence[int]) -> tuple[int, int, int, int]:
+    """The cells local attention could use around p_t: (row0, row1, col0, col1), inclusive.
+
+    Those are the cells whose centres lie within `radius` of p_t on each axis, plus the cell
+    containing p_t, clipped to the grid (`caption.models.local.LocalAttention`).
+    """
+    p_row, p_col, radius = window
+    Hc, Wc = (int(g) for g in grid)
+
+    def span(p: float, n: int) -> tuple[int, int]:
+        here = min(max(math.floor(p), 0), n - 1)
+        lo = math.ceil(p - radius - 0.5)  # |i + 0.5 − p| ≤ radius
+        hi = math.floor(p + radius - 0.5)
+        return max(0, min(lo, here)), min(n - 1, max(hi, here))
+
+    r0, r1 = span(p_row, Hc)
+    c0, c1 = span(p_col, Wc)
+    return r0, r1, c0, c1
+
+
+def attention_figure(
+    image: Any,
+    words: Sequence[str],
+    alphas: Tensor,
+    grid: Sequence[int],
+    betas: Tensor | Sequence[float] | None = None,
+    locations: Tensor | Sequence[int] | None = None,
+    windows: Tensor | Sequence[Window] | None = None,
+    *,
+    normalize: str = "shared",
+    columns: int = 6,
+    panel_size: float = 2.0,
+    title: str | None = None,
+) -> Figure:
+    """Draw an image and, per word, its attention map over the image.
+
+    Args:
+        image: the image as a tensor (3, H, W) (uint8 or [0, 1]), an (H, W, 3) array or a PIL
+            image; any size: the grid is laid over the whole image.
+        words: the caption's words (no `<end>`); one panel each.
+        alphas: (T, L) or (T, H', W') attention, row t for word t; T >= len(words).
+        grid: (H', W'), e.g. `Generated.grid`.
+        betas: (T,) gate values, shown in the titles as β.
+        locations: (T,) hard attention's chosen cell per word (row-major index, -1: none);
+            outlined in cyan.
+        windows: per word (p_row, p_col, radius) in cell units: local attention's window,
+            outlined in green, with p_t marked.
+        normalize: `shared` (one colour scale, 0 to the caption's largest α) or `panel`
+            (each panel scaled to its own maximum); neither scale ends below 4/L.
+        columns: panels per row at most (the image counts as one); longer captions wrap.
+        panel_size: inches per panel.
+        title: the figure's title; None shows the caption, "" shows none.
+
+    Returns:
+        The figure: `len(words) + 1` axes, the image first.
+    """
+    if normalize not in ("shared", "panel"):
+        raise ValueError(f"normalize must be 'shared' or 'panel', got {normalize!r}")
+    rgb = _as_rgb(image)
+    H, W = rgb.shape[:2]
+    Hc, Wc = (int(g) for g in grid)
+    n = len(words)
+    alphas = torch.as_tensor(alphas).detach().reshape(-1, Hc * Wc)[:n]  # (n, L)
+    if alphas.shape[0] < n:
+        raise ValueError(f"{n} words but only {alphas.shape[0]} attention maps")
+    # Upsample at least to MIN_DISPLAY pixels per side, so small images get smooth maps.
+    k = max(1, math.ceil(MIN_DISPLAY / max(H, W)))
+    heat = heat_maps(alphas, (Hc, Wc), (H * k, W * k)).numpy() if n else np.zeros((0, 1, 1))
+    floor = MIN_VMAX_UNIFORM / (Hc * Wc)
+    vmax_shared = max(float(heat.max()) if n else 0.0, floor)
+    cell_w, cell_h = W / Wc, H / Hc
+    extent = (0, W, H, 0)  # pixel coordinates of the image for every layer
+
+    cols = max(1, min(columns, n + 1))
+    rows = math.ceil((n + 1) / cols)
+    fig = Figure(figsize=(panel_size * cols, panel_size * rows + 0.35), layout="constrained")
+    for k_panel in range(n + 1):
+        ax = fig.add_subplot(rows, cols, k_panel + 1)
+        ax.imshow(rgb, extent=extent, interpolation="bilinear")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if k_panel == 0:
+            ax.set_title("image", fontsize=10)
+            continue
+        t = k_panel - 1
+        vmax = vmax_shared if normalize == "shared" else max(float(heat[t].max()), floor)
+        ax.imshow(
+            heat[t],
+            cmap=CMAP,
+            alpha=OVERLAY_ALPHA,
+            vmin=0.0,
+            vmax=vmax,
+            extent=extent,
+            interpolation="bilinear",
+        )
+        label = words[t]
+        if betas is not None:
+            label += f"  β={float(betas[t]):.2f}"
+        ax.set_title(label, fontsize=10)
+        if locations is not None and int(locations[t]) >= 0:
+            i, j = divmod(int(locations[t]), Wc)
+            ax.add_patch(
+                Rectangle(
+                    (j * cell_w, i * cell_h),
+                    cell_w,
+                    cell_h,
+                    fill=False,
+                    edgecolor=HARD_COLOR,
+                    linewidth=1.8,
+                    gid="hard-location",
+                )
+            )
+        if windows is not None:
+            p_row, p_col, radius = (float(v) for v in windows[t])
+            if math.isfinite(p_row) and math.isfinite(p_col):
+                r0, r1, c0, c1 = window_cells((p_row, p_col, radius), (Hc, Wc))
+                ax.add_patch(
+                    Rectangle(
+                        (c0 * cell_w, r0 * cell_h),
+                        (c1 - c0 + 1) * cell_w,
+                        (r1 - r0 + 1) * cell_h,
+                        fill=False,
+                        edgecolor=WINDOW_COLOR,
+                        linewidth=1.5,
+                        linestyle="--",
+                        gid="local-window",
+                    )
+                )
+                ax.plot(
+                    [p_col * cell_w],
+                    [p_row * cell_h],
+                    marker="+",
+                    markersize=8,
+                    color=WINDOW_COLOR,
+                    gid="local-centre",
+                )
+        ax.set_xlim(0, W)
+        ax.set_ylim(H, 0)
+    caption = " ".join(words) if title is None else title
+    if caption:
+        fig.suptitle(caption, fontsize=11)
+    return fig
+
+
+def local_windows(positions: Tensor, window: float) -> list[Window]:
+    """Local attention's centres p_t (T, 2) (row, col) and radius, as figure windows."""
+    return [(float(r), float(c), float(window)) for r, c in positions.tolist()]
+
+
+def _output_name(path: Path, taken: set[str]) -> str:
+    """`<stem>.png`, or `<stem>_<k>.png` when another input had the same stem."""
+    name, k = f"{path.stem}.png", 1
+    while name in taken:
+        name, k = f"{path.stem}_{k}.png", k + 1
+    taken.add(name)
+    return name
+
+
+def visualize(cfg: DictConfig) -> dict[str, Any]:
+    """Caption every image `cfg.images` names and write its attention figure as a PNG.
+
+    Bad image files are reported on stderr and skipped; the others are still drawn. Each
+    written PNG's path is printed on stdout.
+
+    Returns:
+        `{"written": [paths], "failed": [paths]}`.
+    """
+    check_decoding(cfg)
+    check_int(cfg, "columns", 1)
+    check_int(cfg, "dpi", 10)
+    check_choice(cfg, "normalize", ("shared", "panel"))
+    device = resolve_device(cfg.device)
+    torch.set_flush_denormal(True)  # see train(): denormals in attention are slow on CPUs
+    model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
+    files = expand_images(cfg.images)
+    output_dir = Path(cfg.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CaptionError(
+            f"output_dir: cannot create {output_dir} ({e.strerror}); pass a writable folder"
+        ) from None
+    attention = model.decoder.attention
+    hard = isinstance(attention, HardAttention)
+    radius = attention.window if isinstance(attention, LocalAttention) else None
+    size = train_cfg.data.image_size
+    written: list[str] = []
+    failed: list[str] = []
+    taken: set[str] = set()
+    for start in range(0, len(files), cfg.batch_size):
+        images, shown, good = [], [], []
+        for path in files[start : start + cfg.batch_size]:
+            try:
+                images.append(load_image(path, size))
+                with Image.open(path) as im:  # readable: load_image just decoded it
+                    im = im.convert("RGB")
+                    im.thumbnail((512, 512))  # a photo need not be drawn at full size
+                    shown.append(np.asarray(im))
+                good.append(path)
+            except CaptionError as e:  # one bad file must not cost the others
+                print(f"error: {e}; skipped", file=sys.stderr, flush=True)
+                failed.append(str(path))
+        if not images:
+            continue
+        gen = model.generate(
+            torch.stack(images).to(device),
+            strategy=cfg.strategy,
+            beam_size=cfg.beam_size,
+            max_len=cfg.max_len,
+        )
+        for b, path in enumerate(good):
+            words = vocab.decode(gen.tokens[b].tolist())
+            n = len(words)
+            windows = None
+            if radius is not None and gen.positions is not None:
+                windows = local_windows(gen.positions[b, :n].cpu(), radius)
+            fig = attention_figure(
+                shown[b],
+                words,
+                gen.alphas[b, :n].cpu(),
+                gen.grid,
+                betas=gen.betas[b, :n].cpu(),
+                locations=gen.locations[b, :n].cpu() if hard else None,
+                windows=windows,
+                normalize=cfg.normalize,
+                columns=cfg.columns,
+            )
+            target = output_dir / _output_name(path, taken)
+            fig.savefig(target, dpi=cfg.dpi, facecolor="white")
+            written.append(str(target))
+            print(target, flush=True)
+    log.info(
+        "wrote %d attention figure(s) to %s%s",
+        len(written),
+        output_dir,
+        f", {len(failed)} image(s) failed" if failed else "",
+    )
+    return {"written": written, "failed": failed}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="visualize")
+@cli_guard
+def main(cfg: DictConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never open a window, even where a display exists
+    result = visualize(cfg)
+    if result["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
