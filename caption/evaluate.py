@@ -14,9 +14,12 @@ from omegaconf import DictConfig
 from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR, check_choice, check_decoding, resolve_device
 from caption.data.dataset import ImageBank
-from caption.data.karpathy import SPLITS, read_karpathy
+from caption.data.formats import check_images, read_dataset
+from caption.data.karpathy import SPLITS, ImageRecord
+from caption.data.vocab import tokenize
 from caption.errors import CaptionError, cli_guard
-from caption.inference import grounding_metrics, score_bank
+from caption.inference import decode_bank, grounding_metrics
+from caption.metrics import bleu, coco_metrics
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +32,132 @@ def default_output(checkpoint: str | Path, split: str) -> Path:
     return folder / f"eval_{split}.json"
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Score a checkpoint on a split with BLEU-1..4 and write the metrics JSON.
+def _records(cfg: DictConfig, train_data: DictConfig | None) -> list[ImageRecord]:
+    """The split's records: from `annotations=`, else the `data=` group, else the checkpoint's."""
+    if cfg.annotations:  # images default to the checkpoint's only when the annotations do too
+        source = {"annotations": cfg.annotations, "images": cfg.images, "format": "auto"}
+    elif cfg.get("data"):
+        source = cfg.data
+    elif train_data is not None:
+        source = train_data
+    else:
+        raise CaptionError(
+            "results: name the dataset to score against with data=<shapes|"
+            "flickr8k|flickr30k|coco> or annotations=<file>"
+        )
+    records = read_dataset(
+        source["annotations"],
+        source.get("images"),
+        source.get("format", "karpathy"),
+        source.get("splits_file"),
+    )[cfg.split]
+    if not records:
+        raise CaptionError(
+            f"split: {source['annotations']} has no {cfg.split!r} images; pick another split="
+        )
+    return records
 
-    On a dataset whose images carry `objects` (the shapes set), the grounding scores of
-    `caption.grounding` join them: for the generated captions, a uniform-attention baseline
-    and the reference captions under teacher forcing.
+
+def load_results(path: str | Path, records: list[ImageRecord]) -> list[list[str]]:
+    """Captions for `records`, in order, from a results file.
+
+    Args:
+        path: JSON Lines with `image` (a file name or path) and `caption`, as `caption-generate`
+            writes, or the COCO results format `[{"image_id", "caption"}]`.
+        records: the images of the split to score.
+
+    Raises:
+        CaptionError: the file is unreadable, or some image of the split has no caption.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionError(f"results: {path} does not exist")
+    text = path.read_text()
+    try:
+        if text.lstrip().startswith("["):
+            entries = json.loads(text)
+        else:
+            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise CaptionError(
+            f"results: {path} is neither JSON Lines nor a COCO results list ({e})"
+        ) from None
+    captions: dict[tuple[str, object], list[str]] = {}
+    for n, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or "caption" not in entry:
+            raise CaptionError(f"results: {path}: entry {n} has no 'caption'")
+        if "image_id" in entry:
+            key: tuple[str, object] = ("id", int(entry["image_id"]))
+        elif "image" in entry:
+            key = ("name", Path(str(entry["image"])).name)
+        else:
+            raise CaptionError(f"results: {path}: entry {n} has neither 'image' nor 'image_id'")
+        captions[key] = tokenize(str(entry["caption"]))
+    ordered, missing = [], []
+    for r in records:
+        caption = captions.get(("name", r.path.name), captions.get(("id", r.imgid)))
+        if caption is None:
+            missing.append(r.path.name)
+        ordered.append(caption or [])
+    if missing:
+        raise CaptionError(
+            f"results: {path} has no caption for {len(missing)} of "
+            f"{len(records)} images ({', '.join(missing[:5])}); caption them all"
+        )
+    return ordered
+
+
+def text_metrics(
+    records: list[ImageRecord], hypotheses: list[list[str]], cfg: DictConfig
+) -> dict[str, float]:
+    """BLEU-1..4, and METEOR, ROUGE-L and CIDEr-D unless `coco_metrics=false`."""
+    references = [r.captions for r in records]
+    metrics = bleu(references, hypotheses)
+    if cfg.coco_metrics:
+        metrics.update(
+            coco_metrics(
+                [[" ".join(c) for c in refs] for refs in references],
+                [" ".join(h) for h in hypotheses],
+                spice=cfg.spice,
+            )
+        )
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Score a checkpoint, or a file of captions, on a split, and write the metrics JSON.
+
+    With `checkpoint=`, each image is decoded once. On a dataset whose images carry `objects`
+    (the shapes set), the grounding scores of `caption.grounding` join the metrics: for the
+    generated captions, a uniform-attention baseline and the reference captions under teacher
+    forcing. With `results=`, the captions in that file are scored, no model needed.
 
     Returns:
-        The metrics: `bleu1`..`bleu4`, the grounding keys where there are objects, plus
-        `n_images` and the decoding settings.
+        The metrics: `bleu1`..`bleu4`, `meteor`, `rouge_l`, `cider`, the grounding keys where
+        there are objects, plus `n_images` and the decoding settings.
     """
     check_choice(cfg, "split", SPLITS)
+    if bool(cfg.checkpoint) == bool(cfg.results):
+        raise CaptionError(
+            "caption-evaluate: pass either checkpoint=<file> or results=<captions file>"
+        )
+    if cfg.results:
+        records = _records(cfg, None)
+        metrics = text_metrics(records, load_results(cfg.results, records), cfg)
+        metrics = {**_rounded(metrics), "n_images": len(records), "split": cfg.split}
+        results = Path(cfg.results)
+        output = Path(cfg.output or results.with_name(f"{results.stem}_eval_{cfg.split}.json"))
+        _write_json(output, metrics)
+        return metrics
+
     check_decoding(cfg)
     device = resolve_device(cfg.device)
     torch.set_flush_denormal(True)  # see train(): denormals in attention are slow on CPUs
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
-    annotations = cfg.annotations or train_cfg.data.annotations
-    # Images default to the checkpoint's only when the annotations do too.
-    images = cfg.images or (None if cfg.annotations else train_cfg.data.images)
-    records = read_karpathy(annotations, images)[cfg.split]
-    if not records:
-        raise CaptionError(f"split: {annotations} has no {cfg.split!r} images; pick another split=")
+    records = _records(cfg, train_cfg.data)
+    check_images({cfg.split: records})
     bank = ImageBank(records, train_cfg.data.image_size, preload=True)
-    metrics, captions = score_bank(
+    captions = decode_bank(
         model,
         bank,
         vocab,
@@ -62,6 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         device=device,
     )
+    metrics = text_metrics(bank.records, [c["tokens"] for c in captions], cfg)
     if any(r.objects for r in bank.records):
         metrics.update(
             grounding_metrics(
@@ -69,30 +175,42 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
         )
     metrics = {
-        **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+        **_rounded(metrics),
         "n_images": len(bank),
         "split": cfg.split,
         "strategy": cfg.strategy,
         "beam_size": cfg.beam_size if cfg.strategy == "beam" else 1,
     }
     output = Path(cfg.output) if cfg.output else default_output(cfg.checkpoint, cfg.split)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_json(output, metrics)
+    coco = Path(cfg.coco_results or output.with_name(f"captions_{cfg.split}_coco.json"))
+    _write_json(
+        coco,
+        [
+            {"image_id": r.imgid, "caption": " ".join(c["tokens"])}
+            for r, c in zip(bank.records, captions, strict=True)
+        ],
+    )
     if cfg.captions:
         with open(cfg.captions, "w") as f:
             for record, c in zip(bank.records, captions, strict=True):
-                f.write(
-                    json.dumps(
-                        {
-                            "image": str(record.path),
-                            "caption": " ".join(c["tokens"]),
-                            "log_prob": round(c["log_prob"], 4),
-                        }
-                    )
-                    + "\n"
-                )
-    log.info("wrote %s", output)
+                line = {
+                    "image": str(record.path),
+                    "caption": " ".join(c["tokens"]),
+                    "log_prob": round(c["log_prob"], 4),
+                }
+                f.write(json.dumps(line) + "\n")
     return metrics
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def _write_json(path: Path, content: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    log.info("wrote %s", path)
 
 
 def format_table(metrics: dict[str, Any]) -> str:
