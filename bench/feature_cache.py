@@ -78,8 +78,9 @@ def main() -> None:
         grid = encoder.grid_shape(args.image_size)
         on_the_fly = epoch_seconds(model, CaptionDataset(images, vocab), args.batch_size)
         start = time.perf_counter()
+        # float32: random weights give activations beyond float16's range (ImageNet ones don't).
         cached = FeatureBank.build(
-            encoder, images, Path(tmp) / "cache", dtype="float16", batch_size=args.batch_size
+            encoder, images, Path(tmp) / "cache", dtype="float32", batch_size=args.batch_size
         )
         build = time.perf_counter() - start
         from_cache = epoch_seconds(model, CaptionDataset(cached, vocab), args.batch_size)

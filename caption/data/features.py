@@ -119,7 +119,7 @@ class FeatureBank:
         loader = DataLoader(ImageDataset(images), batch_size=batch_size, num_workers=num_workers)
         tmp = folder / "features.tmp.npy"
         out = None
-        with torch.no_grad():
+        with torch.no_grad(), np.errstate(over="ignore"):
             for pixels, index in loader:
                 a = encoder(pixels.to(device).float().div_(255))  # (B, L, D)
                 if out is None:  # the grid is known after the first batch
@@ -127,7 +127,13 @@ class FeatureBank:
                     out = np.lib.format.open_memmap(
                         tmp, mode="w+", dtype=DTYPES[dtype], shape=shape
                     )
-                out[index.numpy()] = a.cpu().numpy().astype(DTYPES[dtype])
+                chunk = a.cpu().numpy().astype(DTYPES[dtype])
+                if not np.isfinite(chunk).all():  # float16 tops out at 65504
+                    raise CaptionError(
+                        f"data.feature_cache: annotation vectors overflow "
+                        f"{dtype}; use data.feature_cache_dtype=float32"
+                    )
+                out[index.numpy()] = chunk
         encoder.train(was_training)
         if out is None:
             raise CaptionError(f"data.feature_cache: no images to encode into {folder}")
