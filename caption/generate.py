@@ -15,8 +15,9 @@ from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR, check_decoding, check_float, resolve_device
-from caption.data.images import expand_images, load_image
-from caption.errors import CaptionError, cli_guard
+from caption.data.images import expand_images
+from caption.errors import cli_guard
+from caption.inference import caption_files
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +40,19 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     captioned, failed = 0, []
     sink = open(cfg.output, "w") if cfg.output else nullcontext(sys.stdout)  # noqa: SIM115
     with sink as out:
-        for start in range(0, len(files), cfg.batch_size):
-            images, good = [], []
-            for path in files[start : start + cfg.batch_size]:
-                try:
-                    images.append(load_image(path, size))
-                    good.append(path)
-                except CaptionError as e:  # one bad file must not cost the others
-                    print(f"error: {e}; skipped", file=sys.stderr, flush=True)
-                    failed.append(str(path))
-            if not images:
-                continue
-            gen = model.generate(
-                torch.stack(images).to(device),
-                strategy=cfg.strategy,
-                beam_size=cfg.beam_size,
-                max_len=cfg.max_len,
-                temperature=cfg.temperature,
-            )
+        batches = caption_files(
+            model,
+            files,
+            size,
+            failed,
+            batch_size=cfg.batch_size,
+            device=device,
+            strategy=cfg.strategy,
+            beam_size=cfg.beam_size,
+            max_len=cfg.max_len,
+            temperature=cfg.temperature,
+        )
+        for good, gen in batches:
             for path, tokens, log_prob in zip(
                 good, gen.tokens.tolist(), gen.log_probs.tolist(), strict=True
             ):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,8 +14,10 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
 from caption.data.dataset import ImageBank, ImageDataset
+from caption.data.images import load_image
 from caption.data.karpathy import ImageRecord
 from caption.data.vocab import PAD_ID, Vocabulary
+from caption.errors import CaptionError
 from caption.grounding import (
     GroundingTally,
     cell_boxes,
@@ -22,7 +27,38 @@ from caption.grounding import (
     score_caption,
 )
 from caption.metrics import bleu
-from caption.models.captioner import Captioner
+from caption.models.captioner import Captioner, Generated
+
+
+def caption_files(
+    model: Captioner,
+    files: Sequence[Path],
+    image_size: int,
+    failed: list[str],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    **decode: Any,
+) -> Iterator[tuple[list[Path], Generated]]:
+    """Caption image files in batches, for the tools that take `images=`.
+
+    A file that cannot be read is reported on stderr as `error: ...; skipped`, appended to
+    `failed`, and costs nothing else: the rest of its batch is still captioned.
+
+    Yields:
+        The paths of a batch that loaded, and their `Generated`.
+    """
+    for start in range(0, len(files), batch_size):
+        images, good = [], []
+        for path in files[start : start + batch_size]:
+            try:
+                images.append(load_image(path, image_size))
+                good.append(path)
+            except CaptionError as e:
+                print(f"error: {e}; skipped", file=sys.stderr, flush=True)
+                failed.append(str(path))
+        if images:
+            yield good, model.generate(torch.stack(images).to(device), **decode)
 
 
 def decode_bank(

@@ -40,8 +40,9 @@ from torch import Tensor
 
 from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR, check_choice, check_decoding, check_int, resolve_device
-from caption.data.images import expand_images, load_image
+from caption.data.images import expand_images
 from caption.errors import CaptionError, cli_guard
+from caption.inference import caption_files
 from caption.models.attention import HardAttention
 from caption.models.local import LocalAttention
 
@@ -301,35 +302,30 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     written: list[str] = []
     failed: list[str] = []
     taken: set[str] = set()
-    for start in range(0, len(files), cfg.batch_size):
-        images, shown, good = [], [], []
-        for path in files[start : start + cfg.batch_size]:
-            try:
-                images.append(load_image(path, size))
-                with Image.open(path) as im:  # readable: load_image just decoded it
-                    im = im.convert("RGB")
-                    im.thumbnail((512, 512))  # a photo need not be drawn at full size
-                    shown.append(np.asarray(im))
-                good.append(path)
-            except CaptionError as e:  # one bad file must not cost the others
-                print(f"error: {e}; skipped", file=sys.stderr, flush=True)
-                failed.append(str(path))
-        if not images:
-            continue
-        gen = model.generate(
-            torch.stack(images).to(device),
-            strategy=cfg.strategy,
-            beam_size=cfg.beam_size,
-            max_len=cfg.max_len,
-        )
+    batches = caption_files(
+        model,
+        files,
+        size,
+        failed,
+        batch_size=cfg.batch_size,
+        device=device,
+        strategy=cfg.strategy,
+        beam_size=cfg.beam_size,
+        max_len=cfg.max_len,
+    )
+    for good, gen in batches:
         for b, path in enumerate(good):
             words = vocab.decode(gen.tokens[b].tolist())
             n = len(words)
             windows = None
             if radius is not None and gen.positions is not None:
                 windows = local_windows(gen.positions[b, :n].cpu(), radius)
+            with Image.open(path) as im:  # readable: caption_files just decoded it
+                im = im.convert("RGB")
+                im.thumbnail((512, 512))  # a photo need not be drawn at full size
+                shown = np.asarray(im)
             fig = attention_figure(
-                shown[b],
+                shown,
                 words,
                 gen.alphas[b, :n].cpu(),
                 gen.grid,
