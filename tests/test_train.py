@@ -138,3 +138,29 @@ def test_save_checkpoint_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         save_checkpoint(path, model={"w": torch.zeros(2)}, progress={"step": 2})
     assert load_checkpoint(path)["progress"]["step"] == 1  # the old file survives intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.slow
+def test_encoder_top_blocks_train_from_their_epoch_with_their_lr(train_cfg: DictConfig) -> None:
+    OmegaConf.update(train_cfg, "model.encoder.fine_tune", False, force_add=True)
+    OmegaConf.update(train_cfg, "model.encoder.fine_tune_top", 1, force_add=True)
+    OmegaConf.update(train_cfg, "model.encoder.fine_tune_from_epoch", 2, force_add=True)
+    OmegaConf.update(train_cfg, "model.encoder.lr", 1e-4, force_add=True)
+    train_cfg.trainer.max_epochs = 1
+    train(train_cfg)
+    run = Path(train_cfg.run_dir)
+    first = load_checkpoint(run / "checkpoints" / "last.pt")
+    groups = first["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(1e-4)
+    train_cfg.trainer.max_epochs = 2
+    train_cfg.trainer.resume = True
+    train(train_cfg)
+    second = load_checkpoint(run / "checkpoints" / "last.pt")
+    # Adam keeps state only for parameters it stepped: none of the encoder's in epoch 1.
+    encoder_ids = set(groups[1]["params"])
+    assert not encoder_ids & set(first["optimizer"]["state"])
+    assert encoder_ids <= set(second["optimizer"]["state"])
+    backbone = [k for k in first["model"] if k.startswith("encoder.backbone.")]
+    changed = {k for k in backbone if not torch.equal(first["model"][k], second["model"][k])}
+    assert changed, "the top block did not train in epoch 2"
+    assert len(changed) < len(backbone)  # the lower blocks stayed frozen
