@@ -18,7 +18,7 @@ from caption.data.formats import check_images, read_dataset
 from caption.data.karpathy import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
 from caption.errors import CaptionError, cli_guard
-from caption.inference import decode_bank, grounding_metrics
+from caption.inference import caption_line, decode_bank, grounding_metrics
 from caption.metrics import bleu, coco_metrics
 
 log = logging.getLogger(__name__)
@@ -194,12 +194,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.captions:
         with open(cfg.captions, "w") as f:
             for record, c in zip(bank.records, captions, strict=True):
-                line = {
-                    "image": str(record.path),
-                    "caption": " ".join(c["tokens"]),
-                    "log_prob": round(c["log_prob"], 4),
-                }
-                f.write(json.dumps(line) + "\n")
+                f.write(caption_line(record.path, c["tokens"], c["log_prob"]))
     return metrics
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from contextlib import nullcontext
@@ -17,7 +16,7 @@ from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR, check_decoding, check_float, resolve_device
 from caption.data.images import expand_images
 from caption.errors import cli_guard
-from caption.inference import caption_files
+from caption.inference import caption_files, caption_line
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +55,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             for path, tokens, log_prob in zip(
                 good, gen.tokens.tolist(), gen.log_probs.tolist(), strict=True
             ):
-                line = {
-                    "image": str(path),
-                    "caption": " ".join(vocab.decode(tokens)),
-                    "log_prob": round(log_prob, 4),
-                }
-                out.write(json.dumps(line) + "\n")
+                out.write(caption_line(path, vocab.decode(tokens), log_prob))
             out.flush()
             captioned += len(good)
     log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,16 @@ from caption.grounding import (
 )
 from caption.metrics import bleu
 from caption.models.captioner import Captioner, Generated
+
+
+def caption_line(image: str | Path, words: Sequence[str], log_prob: float) -> str:
+    """One JSON Lines record of a caption, as `caption-generate` writes and `results=` reads."""
+    return (
+        json.dumps(
+            {"image": str(image), "caption": " ".join(words), "log_prob": round(log_prob, 4)}
+        )
+        + "\n"
+    )
 
 
 def caption_files(
