@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
@@ -20,6 +19,7 @@ from caption.data.vocab import tokenize
 from caption.errors import CaptionError, cli_guard
 from caption.inference import caption_line, decode_bank, grounding_metrics
 from caption.metrics import bleu, coco_metrics
+from caption.runtime import configure_cpu
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     check_decoding(cfg)
     device = resolve_device(cfg.device)
-    torch.set_flush_denormal(True)  # see train(): denormals in attention are slow on CPUs
+    configure_cpu()
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
     records = _records(cfg, train_cfg.data)
     check_images({cfg.split: records})

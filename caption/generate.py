@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
@@ -17,6 +16,7 @@ from caption.config import CONF_DIR, check_decoding, check_float, resolve_device
 from caption.data.images import expand_images
 from caption.errors import cli_guard
 from caption.inference import caption_files, caption_line
+from caption.runtime import configure_cpu
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     check_decoding(cfg)
     check_float(cfg, "temperature", 1e-6)
     device = resolve_device(cfg.device)
-    torch.set_flush_denormal(True)  # see train(): denormals in attention are slow on CPUs
+    configure_cpu()
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
     files = expand_images(cfg.images)
     size = train_cfg.data.image_size

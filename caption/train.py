@@ -30,6 +30,7 @@ from caption.data.formats import absolute_spec, check_images, read_dataset
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError, cli_guard
 from caption.inference import score_bank
+from caption.runtime import configure_cpu
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     `<run_dir>/metrics.jsonl`.
     """
     check_train_config(cfg)
-    # Peaked softmaxes leave denormal floats in attention, which are ~100x slower on CPUs.
-    torch.set_flush_denormal(True)
+    configure_cpu()
     device = resolve_device(cfg.trainer.device)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"

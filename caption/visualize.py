@@ -45,6 +45,7 @@ from caption.errors import CaptionError, cli_guard
 from caption.inference import caption_files
 from caption.models.attention import HardAttention
 from caption.models.local import LocalAttention
+from caption.runtime import configure_cpu
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     check_int(cfg, "dpi", 10)
     check_choice(cfg, "normalize", ("shared", "panel"))
     device = resolve_device(cfg.device)
-    torch.set_flush_denormal(True)  # see train(): denormals in attention are slow on CPUs
+    configure_cpu()
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
     files = expand_images(cfg.images)
     output_dir = Path(cfg.output_dir)

@@ -26,7 +26,7 @@ from caption.grounding import (
 from caption.inference import decode_bank, grounding_metrics, original_size, reference_alphas
 from tests.conftest import TINY_MODEL, compose_config
 
-GRID, S = (8, 8), 64  # the default: 64 px images, an 8×8 grid of 8 px cells
+GRID, S = (8, 8), 64  # 64 px images, an 8×8 grid of 8 px cells
 CELLS = cell_boxes(GRID, S)
 BOX = [16, 16, 32, 32]  # exactly cells (2, 2), (2, 3), (3, 2), (3, 3)
 

@@ -215,3 +215,25 @@ def test_hard_attention_overfits_one_batch() -> None:
         losses.loss.backward()
         opt.step()
     assert losses.nll.item() < 0.1, losses.nll.item()
+
+
+@pytest.mark.parametrize("reward", ["caption", "word"])
+def test_reward_is_the_caption_or_per_word_log_likelihood(reward: str) -> None:
+    model = micro_model(f"model.attention.reward={reward}")
+    image, _ = example()
+    images = image.expand(2, -1, -1, -1)
+    captions = torch.tensor([[START_ID, 7, 8, END_ID], [START_ID, 9, END_ID, PAD_ID]])
+    locations = torch.tensor([[3, 5, 0], [1, 2, 0]])  # fixed cells: a deterministic reward
+    out = model(images, captions, locations=locations)
+    targets = captions[:, 1:]
+    log_p = out.logits.log_softmax(-1).gather(2, targets.unsqueeze(-1)).squeeze(-1)
+    log_p_y = (log_p * (targets != PAD_ID)).sum(1)  # (2,) log p(y | s, a)
+    expected = log_p_y if reward == "caption" else log_p_y / torch.tensor([3.0, 2.0])
+    model.loss(images, captions, locations=locations)
+    # The first update starts b at the batch's mean reward.
+    assert model.decoder.attention.baseline.item() == pytest.approx(expected.mean().item())
+
+
+def test_unknown_reward_is_refused() -> None:
+    with pytest.raises(Exception, match=r"model\.attention\.reward must be one of"):
+        micro_model("model.attention.reward=bleu")

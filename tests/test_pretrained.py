@@ -191,7 +191,7 @@ def test_native_image_size_gives_the_real_grid() -> None:
     assert enc.native_image_size == 224
     assert enc.native_grid() == (14, 14)  # the paper's conv5_4 map: L = 196, D = 512
     assert enc.out_dim == 512
-    assert Encoder().native_grid() == (8, 8)  # small_cnn at the 64 px of the default data
+    assert Encoder().native_grid() == (10, 10)  # small_cnn at the 80 px of the default data
 
 
 def bn_means(module: nn.Module) -> list[torch.Tensor]:

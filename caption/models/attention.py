@@ -86,13 +86,17 @@ class HardAttention(SoftAttention):
         coin: flip that coin per `image` (the paper) or once per `batch` (the authors' code).
         reward_weight: λ_r (the authors' code hard-codes 0.1).
         entropy_weight: λ_e (the authors' code uses 0.002).
-        baseline_decay: b_k = decay · b_{k−1} + (1 − decay) · mean log p(y|s̃_k,a) (paper: 0.9).
+        baseline_decay: b_k = decay · b_{k−1} + (1 − decay) · mean reward_k (paper: 0.9).
+        reward: the reward R(s̃) that the baseline tracks: `caption`, the caption's
+            log-likelihood log p(y|s̃,a) (the paper), or `word`, its mean per word
+            log p(y|s̃,a) / T (the authors' code, whose baseline averages the per-word NLL).
         decode: at inference, use the `expectation` (the authors' default), the `argmax` cell or
             a `sample`.
     """
 
     COINS = ("image", "batch")
     DECODES = ("expectation", "argmax", "sample")
+    REWARDS = ("caption", "word")
 
     def __init__(
         self,
@@ -106,6 +110,7 @@ class HardAttention(SoftAttention):
         entropy_weight: float = 0.002,
         baseline_decay: float = 0.9,
         decode: str = "expectation",
+        reward: str = "caption",
     ) -> None:
         super().__init__(score, query_dim, key_dim)
         checks = [
@@ -114,6 +119,7 @@ class HardAttention(SoftAttention):
             (coin in self.COINS, "coin", coin, f"one of {self.COINS}"),
             (0 <= baseline_decay < 1, "baseline_decay", baseline_decay, "in [0, 1)"),
             (decode in self.DECODES, "decode", decode, f"one of {self.DECODES}"),
+            (reward in self.REWARDS, "reward", reward, f"one of {self.REWARDS}"),
         ]
         for ok, key, value, expected in checks:
             if not ok:
@@ -125,6 +131,7 @@ class HardAttention(SoftAttention):
         self.entropy_weight = entropy_weight
         self.baseline_decay = baseline_decay
         self.decode = decode
+        self.reward = reward
         # Buffers, so that checkpoints carry the baseline and a resumed run continues it.
         self.register_buffer("baseline", torch.zeros(()))
         self.register_buffer("baseline_updates", torch.zeros((), dtype=torch.long))

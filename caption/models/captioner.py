@@ -129,14 +129,16 @@ class Captioner(nn.Module):
         reg = ((1.0 - mass) ** 2).sum(dim=1).mean()
         loss = nll + self.doubly_stochastic * reg
         if hard:
-            log_p_y = -token_nll.sum(dim=1).detach()  # (B,) the reward log p(y | s̃, a)
+            reward = -token_nll.sum(dim=1).detach()  # (B,) R = log p(y | s̃, a)
+            if attention.reward == "word":  # the authors' code: the mean per-word log-likelihood
+                reward = reward / mask.sum(dim=1)
             log_p_s = (out.location_log_probs * mask).sum(dim=1)  # (B,) log p(s̃ | a)
             entropy = (out.entropies * mask).sum(dim=1)  # (B,) Σ_t H[α_t]
-            advantage = log_p_y - attention.baseline  # computed before b moves
+            advantage = reward - attention.baseline  # computed before b moves
             surrogate = attention.reward_weight * advantage * log_p_s
             surrogate = surrogate + attention.entropy_weight * entropy
             loss = loss - surrogate.sum() / n_words
-            attention.update_baseline(log_p_y.mean())
+            attention.update_baseline(reward.mean())
         return Losses(loss, nll, reg)
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ Each backbone is cut before its global pooling, so the last map keeps its spatia
 `native_image_size` (the side the weights were trained at) the grids are:
 
     backbone              px   grid x D     the map
-    small_cnn             64   8x8x64       the final conv3x3 (D = channels[-1])
+    small_cnn             80   10x10x64     the final conv3x3 (D = channels[-1])
     resnet18, resnet34    224  7x7x512      layer4
     resnet50/101/152      224  7x7x2048     layer4
     vgg16, vgg19          224  14x14x512    conv5_3 / conv5_4 + ReLU, before the last pool
@@ -107,7 +107,7 @@ def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
 class SmallCNN(nn.Sequential):
     """From-scratch CNN: [conv3x3-BN-ReLU, maxpool2] per width, then one conv3x3-BN-ReLU.
 
-    The grid stride is 2**len(channels): a 64 px image gives 8x8 with the default three widths.
+    The grid stride is 2**len(channels): an 80 px image gives 10x10 with the default three widths.
     The receptive field of one cell is 5 * 2**n - 2 px for n widths, i.e. 38 px (stride 8) for
     three: a cell sees its own 8 px patch plus about two cells either side, not the whole image,
     which is what lets attention ground individual objects.
@@ -371,7 +371,7 @@ def _efficientnet_lite0(*, pretrained: bool, weights_path: str | None, **_: obje
 
 BACKBONES: dict[str, Backbone] = {
     # ImageNet stats for the from-scratch CNN keep old checkpoints and feature caches valid
-    "small_cnn": Backbone(_small_cnn, IMAGENET_MEAN, IMAGENET_STD, 64),
+    "small_cnn": Backbone(_small_cnn, IMAGENET_MEAN, IMAGENET_STD, 80),
     "resnet18": _tv("resnet18", _resnet_trunk, 512),
     "resnet34": _tv("resnet34", _resnet_trunk, 512),
     "resnet50": _tv("resnet50", _resnet_trunk, 2048),
@@ -394,7 +394,7 @@ def _backbone(name: str) -> Backbone:
 def native_image_size(name: str) -> int:
     """The image side `name` was trained at, where its map is its real grid (no model built).
 
-    224 for every ImageNet backbone (vgg19: 14x14x512; the others 7x7), 64 for small_cnn.
+    224 for every ImageNet backbone (vgg19: 14x14x512; the others 7x7), 80 for small_cnn.
     """
     return _backbone(name).native_image_size
 
@@ -407,7 +407,7 @@ class Encoder(nn.Module):
     fine-tuned while the rest stay frozen, in eval mode, and run without an autograd graph.
 
     Args:
-        name: a key of BACKBONES; "small_cnn" is the from-scratch default for 64 px images.
+        name: a key of BACKBONES; "small_cnn" is the from-scratch default for 80 px images.
         pretrained: load ImageNet weights: torchvision's (from `$TORCH_HOME/hub/checkpoints`,
             downloaded there if absent) or, for efficientnet_lite0, the ones shipped in the
             `pretrained` extra.
