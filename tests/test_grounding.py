@@ -183,7 +183,7 @@ def test_teacher_forced_alphas_line_up_with_generated_words(tiny_shapes: Path) -
 
 def test_grounding_metrics_on_a_tiny_model(tiny_shapes: Path) -> None:
     model, bank, vocab = tiny_setup(tiny_shapes)
-    assert original_size(bank.records[0]) == (64, 64)
+    assert original_size(bank.records[0]) == (80, 80)
     decoded = decode_bank(model, bank, vocab, strategy="beam", beam_size=2, max_len=12)
     m = grounding_metrics(model, bank, vocab, decoded, batch_size=4)
     keys = {

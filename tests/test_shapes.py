@@ -75,7 +75,7 @@ def test_structure(shapes: tuple[Path, dict]) -> None:
         assert image["imgid"] == imgid
         assert image["filename"] == f"{image['split']}_{seen[image['split']]:05d}.png"
         seen[image["split"]] += 1
-        assert image["width"] == image["height"] == 64
+        assert image["width"] == image["height"] == 80
         assert len({tuple(s["tokens"]) for s in image["sentences"]}) >= 5
         assert image["sentids"] == [s["sentid"] for s in image["sentences"]]
         for s in image["sentences"]:
@@ -83,7 +83,7 @@ def test_structure(shapes: tuple[Path, dict]) -> None:
             sentid += 1
             assert s["tokens"] == tokenize(s["raw"])
             assert all(t.isalpha() and t.islower() for t in s["tokens"])
-        assert _pixels(path, image).shape == (64, 64, 3)
+        assert _pixels(path, image).shape == (80, 80, 3)
 
 
 def test_reader_accepts_it(shapes: tuple[Path, dict]) -> None:
@@ -104,7 +104,7 @@ def test_ground_truth(shapes: tuple[Path, dict]) -> None:
         covered = np.zeros_like(bright)
         for i, obj in enumerate(objects):
             x0, y0, x1, y1 = obj["box"]
-            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 80
             assert obj["words"] == [obj["size"], obj["color"], obj["shape"]]
             for other in objects[:i]:
                 a, b = obj["box"], other["box"]
