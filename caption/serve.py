@@ -164,8 +164,8 @@ def read_upload(data: bytes, max_pixels: int, image_size: int) -> tuple[torch.Te
     except Image.DecompressionBombError:
         raise HTTPException(
             413,
-            f"image: far over this server's limit of {max_pixels / 1e6:g} MP "
-            "(max_pixels); send a smaller image",
+            f"image: far over this server's limit of {max_pixels:,} pixels (max_pixels); "
+            "send a smaller image",
         ) from None
     except UnidentifiedImageError:
         raise HTTPException(
@@ -181,8 +181,8 @@ def read_upload(data: bytes, max_pixels: int, image_size: int) -> tuple[torch.Te
     if width * height > max_pixels:
         raise HTTPException(
             413,
-            f"image: {width}×{height} is {width * height / 1e6:.1f} MP, over this server's "
-            f"limit of {max_pixels / 1e6:g} MP (max_pixels); send a smaller image",
+            f"image: {width}×{height} is {width * height:,} pixels, over this server's limit of "
+            f"{max_pixels:,} (max_pixels); send a smaller image",
         )
     try:
         return image_tensor(im, image_size), width, height
@@ -244,7 +244,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
             f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
             for e in exc.errors()
         ]
-        hint = "send the image as multipart/form-data field 'image'"
+        hint = "send the image as multipart field 'image', optionally 'beam_size' (/openapi.json)"
         return JSONResponse({"error": f"{'; '.join(problems)}; {hint}"}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -114,3 +114,54 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *TINY_MODEL,
     )
     return root
+
+
+# --- a real headless browser: Debian's chromium, driven by Playwright ----------------------
+
+CHROMIUM = os.environ.get("CAPTION_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    """A headless Chromium context with a fresh profile that may reach only this machine.
+
+    Every request to anything but a file, 127.0.0.1 or an inline data/blob URL is aborted and
+    recorded in `browser.outside`, so a test can assert that a page loads nothing from outside.
+    """
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"{CHROMIUM} is missing: `make test` installs Debian's chromium "
+            "(apt-get install chromium), or set CAPTION_CHROMIUM=<path>"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1200, "height": 900},
+        )
+        context.outside = []
+
+        def only_local(route) -> None:
+            url = route.request.url
+            if url.startswith(("file://", "data:", "blob:", "http://127.0.0.1:")):
+                route.continue_()
+            else:
+                context.outside.append(url)
+                route.abort()
+
+        context.route("**/*", only_local)
+        yield context
+        context.close()
