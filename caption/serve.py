@@ -289,7 +289,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
     return app
 
 
-def _check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int) -> None:
     """Fail with one line when the address is taken, before uvicorn logs a traceback."""
     try:
         with socket.create_server((host, port)):
@@ -304,7 +304,7 @@ def _check_port(host: str, port: int) -> None:
 @cli_guard
 def main(cfg: DictConfig) -> None:
     app = create_app(cfg)
-    _check_port(cfg.host, cfg.port)
+    check_port(cfg.host, cfg.port)
     print(
         f"caption-serve: http://{cfg.host}:{cfg.port}/ (API schema: /openapi.json); "
         "Ctrl-C stops it",
