@@ -117,7 +117,7 @@ const AttentionView = (() => {
 
   /**
    * Build a view of `rec` over the image at `src` inside `root`.
-   * Returns {root, rec, canvas, show(t), pin(t), step(d)}.
+   * Returns {root, rec, canvas, show(t), pin(t), step(d), loaded: a promise of the image drawn}.
    */
   function mount(root, rec, src, side = 224) {
     root.classList.add("av");
@@ -181,12 +181,16 @@ const AttentionView = (() => {
       if (b) view.pin(Number(b.dataset.t));
     });
     canvas.addEventListener("click", () => activate(view));
-    img.onload = () => {
-      const scale = side / Math.max(img.naturalWidth, img.naturalHeight);
-      canvas.width = Math.max(1, Math.round(img.naturalWidth * scale));
-      canvas.height = Math.max(1, Math.round(img.naturalHeight * scale));
-      view.show(shown);
-    };
+    view.loaded = new Promise((resolve) => {
+      img.onload = () => {
+        const scale = side / Math.max(img.naturalWidth, img.naturalHeight);
+        canvas.width = Math.max(1, Math.round(img.naturalWidth * scale));
+        canvas.height = Math.max(1, Math.round(img.naturalHeight * scale));
+        view.show(shown);
+        resolve(view);
+      };
+      img.onerror = () => resolve(view);
+    });
     img.src = src;
     view.show(-1);
     return view;
