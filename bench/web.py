@@ -33,6 +33,7 @@ from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR
 from caption.data.images import load_image
 from caption.data.shapes import generate_shapes
+from caption.runtime import configure_cpu
 from caption.visualize import visualize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.checkpoint).is_file():
         sys.exit(f"error: {args.checkpoint} does not exist; run `make demo` or pass --checkpoint")
-    torch.set_flush_denormal(True)
+    configure_cpu()
     model, vocab, train_cfg = load_captioner(args.checkpoint)
     size = int(train_cfg.data.image_size)
     results: dict[str, float | int | str] = {"checkpoint": args.checkpoint, "image_size": size}

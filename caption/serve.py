@@ -35,6 +35,7 @@ from caption.config import CONF_DIR, check_choice, check_float, check_int, resol
 from caption.data.images import image_tensor
 from caption.errors import CaptionError, cli_guard
 from caption.report import attention_record, render_page
+from caption.runtime import configure_cpu
 from caption.visualize import attention_views
 
 try:  # the optional `web` extra
@@ -214,7 +215,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
     """Load `cfg.checkpoint` and build the app (see conf/serve.yaml for the keys)."""
     check_serve_config(cfg)
     device = resolve_device(cfg.device)
-    torch.set_flush_denormal(True)  # see train(): denormals in attention are slow on CPUs
+    configure_cpu()
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
     image_size = int(train_cfg.data.image_size)
     lock = threading.Lock()  # one decode at a time: the model is shared by the thread pool
