@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from caption.browser import CHROMIUM, launch_chromium
 from caption.data.shapes import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,17 +119,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- a real headless browser: Debian's chromium, driven by Playwright ----------------------
 
-CHROMIUM = os.environ.get("CAPTION_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-quic",
-    "--disable-sync",
-]
-
 
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory: pytest.TempPathFactory):
@@ -145,13 +135,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1200, "height": 900},
-        )
+        context = launch_chromium(p, tmp_path_factory.mktemp("chromium-profile"))
         context.outside = []
 
         def only_local(route) -> None:
