@@ -122,7 +122,9 @@ class UploadLimit:
             size += len(message.get("body", b""))
             more = message.get("more_body", False)
             over = over or size > self.max_bytes
-            if not over:
+            if over:
+                chunks.clear()
+            else:
                 chunks.append(message.get("body", b""))
         if over:  # answered only now: a client still sending would not read it
             limit = f"{self.max_bytes / 2**20:g} MB"
