@@ -3,17 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The browser tests drive Debian's Chromium (playwright cannot download its own browser here).
+CHROMIUM ?= /usr/bin/chromium
 DEMO := outputs/demo
 SHAPES := data/shapes/dataset_shapes.json
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench bench-web clean chromium
 
 # torch/torchvision come from this machine's local wheels; `pip install -e .[dev]` pins them.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install --quiet -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import caption, torch, torchvision, hydra" 
+	$(BIN)/pip install --quiet -e '.[dev,web]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -c "import caption, torch, torchvision, hydra, fastapi, uvicorn, multipart, playwright" 
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,8 +35,14 @@ demo: $(STAMP) $(SHAPES)
 	@echo "attention figures: $(DEMO)/attention/"
 	$(BIN)/caption-evaluate checkpoint=$(DEMO)/checkpoints/best.pt split=test
 
-test: $(STAMP)
-	$(BIN)/pytest
+# Installs Debian's chromium when it is missing (CI runs as root).
+chromium:
+	@test -x $(CHROMIUM) || { echo "installing chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@test -x $(CHROMIUM) || { echo "error: $(CHROMIUM) is missing; install Debian's chromium (apt-get install chromium) or set CHROMIUM=<path>"; exit 1; }
+
+test: $(STAMP) chromium
+	CAPTION_CHROMIUM=$(CHROMIUM) $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -50,3 +58,7 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/feature_cache.py
+
+# The report of 1,000 test images and POST /caption latency, with `make demo`'s model.
+bench-web: $(STAMP) chromium
+	$(BIN)/python bench/web.py --chromium $(CHROMIUM)

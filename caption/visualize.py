@@ -26,7 +26,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import numpy as np
@@ -40,10 +40,14 @@ from torch import Tensor
 
 from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR, check_choice, check_decoding, check_int, resolve_device
+from caption.data.formats import read_dataset
 from caption.data.images import expand_images
+from caption.data.karpathy import SPLITS
+from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError, cli_guard
 from caption.inference import caption_files
 from caption.models.attention import HardAttention
+from caption.models.captioner import Captioner, Generated
 from caption.models.local import LocalAttention
 from caption.runtime import configure_cpu
 
@@ -60,6 +64,60 @@ HARD_COLOR = "#00e5ff"  # cyan reads well on inferno's black-to-yellow
 WINDOW_COLOR = "#7CFC00"
 
 Window = tuple[float, float, float]  # (p_row, p_col, radius) in cell units
+
+
+class AttentionView(NamedTuple):
+    """What one generated caption looked at: everything a figure or a web view draws."""
+
+    words: list[str]  # the caption, `<end>` excluded
+    alphas: Tensor  # (n, L) on the CPU: word t's attention over the grid
+    grid: tuple[int, int]  # (H', W')
+    betas: Tensor  # (n,) the gate β of each word
+    locations: Tensor | None  # (n,) hard attention's sampled cell per word; None otherwise
+    windows: list[Window] | None  # local attention's window per word; None otherwise
+    log_prob: float  # log p(caption | image)
+
+
+def attention_views(model: Captioner, vocab: Vocabulary, gen: Generated) -> list[AttentionView]:
+    """Split a batch of `Captioner.generate` output into one `AttentionView` per image.
+
+    Hard attention's locations and local attention's windows are kept only for those
+    attentions, so a view marks exactly what its model did.
+    """
+    attention = model.decoder.attention
+    hard = isinstance(attention, HardAttention)
+    radius = attention.window if isinstance(attention, LocalAttention) else None
+    alphas, betas = gen.alphas.cpu(), gen.betas.cpu()
+    views = []
+    for b, (tokens, log_prob) in enumerate(
+        zip(gen.tokens.tolist(), gen.log_probs.tolist(), strict=True)
+    ):
+        words = vocab.decode(tokens)
+        n = len(words)
+        windows = None
+        if radius is not None and gen.positions is not None:
+            windows = local_windows(gen.positions[b, :n].cpu(), radius)
+        views.append(
+            AttentionView(
+                words=words,
+                alphas=alphas[b, :n],
+                grid=(int(gen.grid[0]), int(gen.grid[1])),
+                betas=betas[b, :n],
+                locations=gen.locations[b, :n].cpu() if hard else None,
+                windows=windows,
+                log_prob=float(log_prob),
+            )
+        )
+    return views
+
+
+def color_max(peak: float, cells: int) -> float:
+    """The top of a colour scale whose largest value is `peak`, on a grid of `cells` cells.
+
+    It never ends below 4/L, four times the uniform weight, so that a nearly uniform map is
+    not stretched to full brightness. The PNG figures and the web views share it.
+    """
+    return max(peak, MIN_VMAX_UNIFORM / cells)
 
 
 def _as_rgb(image: Any) -> np.ndarray:
@@ -180,8 +238,7 @@ def attention_figure(
     # Upsample at least to MIN_DISPLAY pixels per side, so small images get smooth maps.
     k = max(1, math.ceil(MIN_DISPLAY / max(H, W)))
     heat = heat_maps(alphas, (Hc, Wc), (H * k, W * k)).numpy() if n else np.zeros((0, 1, 1))
-    floor = MIN_VMAX_UNIFORM / (Hc * Wc)
-    vmax_shared = max(float(heat.max()) if n else 0.0, floor)
+    vmax_shared = color_max(float(heat.max()) if n else 0.0, Hc * Wc)
     cell_w, cell_h = W / Wc, H / Hc
     extent = (0, W, H, 0)  # pixel coordinates of the image for every layer
 
@@ -199,7 +256,7 @@ def attention_figure(
             ax.set_title("image", fontsize=10)
             continue
         t = k_panel - 1
-        vmax = vmax_shared if normalize == "shared" else max(float(heat[t].max()), floor)
+        vmax = vmax_shared if normalize == "shared" else color_max(float(heat[t].max()), Hc * Wc)
         ax.imshow(
             heat[t],
             cmap=CMAP,
@@ -272,23 +329,63 @@ def _output_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def visualize(cfg: DictConfig) -> dict[str, Any]:
-    """Caption every image `cfg.images` names and write its attention figure as a PNG.
+def _inputs(cfg: DictConfig, train_data: DictConfig) -> tuple[list[Path], dict[Path, Any]]:
+    """The image files to caption, and their reference captions where a dataset split names them.
 
-    Bad image files are reported on stderr and skipped; the others are still drawn. Each
-    written PNG's path is printed on stdout.
+    `images=` is a file, folder or glob (no references); `split=` takes a split of `annotations=`
+    or, by default, of the checkpoint's own dataset, with its references.
+    """
+    if (cfg.images is None) == (cfg.split is None):
+        raise CaptionError(
+            "caption-visualize: pass either images=<file|folder|glob> or split=<train|val|test>"
+        )
+    if cfg.images is not None:
+        files = expand_images(cfg.images)
+        references: dict[Path, Any] = {}
+    else:
+        check_choice(cfg, "split", SPLITS)
+        if cfg.annotations:
+            source: Any = {"annotations": cfg.annotations, "images": cfg.image_root}
+        else:
+            source = train_data
+        records = read_dataset(
+            source["annotations"],
+            source.get("images"),
+            source.get("format", "auto"),
+            source.get("splits_file"),
+        )[cfg.split]
+        if not records:
+            raise CaptionError(
+                f"split: {source['annotations']} has no {cfg.split!r} images; pick another split="
+            )
+        files = [r.path for r in records]
+        references = {r.path: r.captions for r in records}
+    check_int(cfg, "max_images", 1, optional=True)
+    return (files[: cfg.max_images] if cfg.max_images else files), references
+
+
+def visualize(cfg: DictConfig) -> dict[str, Any]:
+    """Caption images and draw their attention: one PNG each, or one self-contained HTML report.
+
+    The images are `cfg.images` (a file, folder or glob) or a dataset split (`cfg.split`),
+    whose reference captions and per-image BLEU then join the report. Bad image files are
+    reported on stderr and skipped; the others are still drawn. Each written file's path is
+    printed on stdout (the report's with its size).
 
     Returns:
         `{"written": [paths], "failed": [paths]}`.
     """
     check_decoding(cfg)
+    check_choice(cfg, "format", ("png", "html"))
     check_int(cfg, "columns", 1)
     check_int(cfg, "dpi", 10)
+    check_int(cfg, "page_size", 1)
+    check_int(cfg, "image_max_side", 16)
     check_choice(cfg, "normalize", ("shared", "panel"))
     device = resolve_device(cfg.device)
     configure_cpu()
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
-    files = expand_images(cfg.images)
+    files, references = _inputs(cfg, train_cfg.data)
     output_dir = Path(cfg.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -296,17 +393,18 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         raise CaptionError(
             f"output_dir: cannot create {output_dir} ({e.strerror}); pass a writable folder"
         ) from None
-    attention = model.decoder.attention
-    hard = isinstance(attention, HardAttention)
-    radius = attention.window if isinstance(attention, LocalAttention) else None
-    size = train_cfg.data.image_size
+    html = cfg.format == "html"
+    if html:
+        from caption import report  # report builds on this module
+
     written: list[str] = []
     failed: list[str] = []
+    items: list[dict[str, Any]] = []
     taken: set[str] = set()
     batches = caption_files(
         model,
         files,
-        size,
+        train_cfg.data.image_size,
         failed,
         batch_size=cfg.batch_size,
         device=device,
@@ -315,24 +413,30 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         max_len=cfg.max_len,
     )
     for good, gen in batches:
-        for b, path in enumerate(good):
-            words = vocab.decode(gen.tokens[b].tolist())
-            n = len(words)
-            windows = None
-            if radius is not None and gen.positions is not None:
-                windows = local_windows(gen.positions[b, :n].cpu(), radius)
+        for path, view in zip(good, attention_views(model, vocab, gen), strict=True):
+            if html:
+                items.append(
+                    report.report_item(
+                        path,
+                        view,
+                        references.get(path),
+                        normalize=cfg.normalize,
+                        max_side=cfg.image_max_side,
+                    )
+                )
+                continue
             with Image.open(path) as im:  # readable: caption_files just decoded it
                 im = im.convert("RGB")
                 im.thumbnail((512, 512))  # a photo need not be drawn at full size
                 shown = np.asarray(im)
             fig = attention_figure(
                 shown,
-                words,
-                gen.alphas[b, :n].cpu(),
-                gen.grid,
-                betas=gen.betas[b, :n].cpu(),
-                locations=gen.locations[b, :n].cpu() if hard else None,
-                windows=windows,
+                view.words,
+                view.alphas,
+                view.grid,
+                betas=view.betas,
+                locations=view.locations,
+                windows=view.windows,
                 normalize=cfg.normalize,
                 columns=cfg.columns,
             )
@@ -340,9 +444,23 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
             fig.savefig(target, dpi=cfg.dpi, facecolor="white")
             written.append(str(target))
             print(target, flush=True)
+    if html:
+        decoding = f"beam {cfg.beam_size}" if cfg.strategy == "beam" else cfg.strategy
+        source = f"{cfg.split} split" if cfg.split else str(cfg.images)
+        target = output_dir / cfg.report_file
+        size = report.write_report(
+            target,
+            items,
+            title=f"Attention of {Path(cfg.checkpoint).name} on {source}",
+            subtitle=f"{cfg.checkpoint} · {decoding} · {len(items)} images"
+            + (f" · {len(failed)} unreadable" if failed else ""),
+            page_size=cfg.page_size,
+        )
+        written.append(str(target))
+        print(f"{target} ({size / 1e6:.1f} MB, {len(items)} images)", flush=True)
     log.info(
-        "wrote %d attention figure(s) to %s%s",
-        len(written),
+        "wrote %s to %s%s",
+        f"a report of {len(items)} images" if html else f"{len(written)} attention figure(s)",
         output_dir,
         f", {len(failed)} image(s) failed" if failed else "",
     )

@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from caption.browser import CHROMIUM, launch_chromium
 from caption.data.shapes import generate_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +115,37 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *TINY_MODEL,
     )
     return root
+
+
+# --- a real headless browser: Debian's chromium, driven by Playwright ----------------------
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    """A headless Chromium context with a fresh profile that may reach only this machine.
+
+    Every request to anything but a file, 127.0.0.1 or an inline data/blob URL is aborted and
+    recorded in `browser.outside`, so a test can assert that a page loads nothing from outside.
+    """
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"{CHROMIUM} is missing: `make test` installs Debian's chromium "
+            "(apt-get install chromium), or set CAPTION_CHROMIUM=<path>"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = launch_chromium(p, tmp_path_factory.mktemp("chromium-profile"))
+        context.outside = []
+
+        def only_local(route) -> None:
+            url = route.request.url
+            if url.startswith(("file://", "data:", "blob:", "http://127.0.0.1:")):
+                route.continue_()
+            else:
+                context.outside.append(url)
+                route.abort()
+
+        context.route("**/*", only_local)
+        yield context
+        context.close()

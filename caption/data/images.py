@@ -29,14 +29,23 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
         raise CaptionError(f"{path}: no such image file")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.BICUBIC)
-            array = np.asarray(im, dtype=np.uint8)
+            return image_tensor(im, image_size)
     except UnidentifiedImageError:
         raise CaptionError(f"{path}: not an image file (PIL cannot identify it)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise CaptionError(f"{path}: corrupt or truncated image ({e})") from None
+
+
+def image_tensor(im: Image.Image, image_size: int) -> torch.Tensor:
+    """An open image as the model's input: uint8 (3, S, S), RGB, resized bicubically.
+
+    Raises:
+        OSError, SyntaxError, ValueError: PIL's errors for a corrupt or truncated image.
+    """
+    im = im.convert("RGB")
+    if im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.BICUBIC)
+    array = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
 

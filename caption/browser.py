@@ -1,0 +1,43 @@
+"""Headless Debian Chromium through Playwright, for the browser tests and `bench/web.py`.
+
+Playwright's own browser download cannot be used here, so it drives the system's
+`chromium` (`CAPTION_CHROMIUM`, default /usr/bin/chromium) with a fresh profile and with
+everything that would reach the network on its own (updates, sync, QUIC) switched off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = os.environ.get("CAPTION_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # runs as root in CI
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-sync",
+]
+
+
+def launch_chromium(playwright: Any, profile: str | Path, executable: str = CHROMIUM) -> Any:
+    """A headless Chromium context with its own profile folder.
+
+    Args:
+        playwright: what `playwright.sync_api.sync_playwright()` entered.
+        profile: an empty folder for the user data.
+        executable: the Chromium binary.
+
+    Returns:
+        Playwright's `BrowserContext`; close it when done.
+    """
+    return playwright.chromium.launch_persistent_context(
+        str(profile),
+        executable_path=executable,
+        headless=True,
+        args=CHROMIUM_ARGS,
+        viewport={"width": 1200, "height": 900},
+    )
