@@ -155,3 +155,23 @@ def test_batched_beam_search_equals_one_image_at_a_time() -> None:
     result = bench.decode_pair(model, images, "beam5", "beam", 5, 6, torch.device("cpu"), 12)
     assert result["beam5_identical"] is True
     assert result["beam5_batched_images_per_sec"] > 0
+
+
+def test_batched_fetch_equals_collated_items(tiny_shapes: Path) -> None:
+    """`__getitems__` gathers a batch with tensor indexing; it must equal the per-item path."""
+    from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
+    from caption.data.karpathy import read_karpathy
+    from caption.data.vocab import Vocabulary
+
+    records = read_karpathy(tiny_shapes)["train"][:8]
+    vocab = Vocabulary.build(c for r in records for c in r.captions)
+    keys = [5, 0, 17, 3, 29, 11]
+    for preload in (True, False):
+        data = CaptionDataset(ImageBank(records, 64, preload=preload), vocab)
+        fast = collate_captions(data.__getitems__(keys))
+        slow = collate_captions([data[k] for k in keys])
+        for a, b in zip(fast, slow, strict=True):
+            assert torch.equal(a, b)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate_captions)
+    first = next(iter(loader))
+    assert torch.equal(first.captions, collate_captions([data[k] for k in range(4)]).captions)
