@@ -45,6 +45,7 @@ from caption.data.vocab import END_ID, PAD_ID, START_ID  # noqa: E402
 from caption.models.attention import SoftAttention  # noqa: E402
 from caption.models.captioner import Captioner  # noqa: E402
 from caption.models.scores import AdditiveScore  # noqa: E402
+from caption.runtime import configure_cpu  # noqa: E402
 
 # The paper-sized decoder (Xu et al. 2015 and the authors' COCO script).
 PAPER = {"grid": 14, "D": 2048, "hidden": 512, "attention": 512, "embed": 512, "vocab": 10000}
@@ -289,7 +290,7 @@ PHASES = {
 
 
 def run_phase(args: argparse.Namespace) -> None:
-    torch.set_flush_denormal(True)
+    configure_cpu()  # what every command does: flush denormals, keep freed memory
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
