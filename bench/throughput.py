@@ -291,6 +291,8 @@ PHASES = {
 
 def run_phase(args: argparse.Namespace) -> None:
     configure_cpu()  # what every command does: flush denormals, keep freed memory
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -358,6 +360,9 @@ def main() -> None:
     parser.add_argument("--paper-decode-images", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=4, help="paper step/matmul rounds")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads per phase (0: torch's default)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "results.json")
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -376,6 +381,7 @@ def main() -> None:
                 "paper_decode_images",
                 "rounds",
                 "device",
+                "threads",
             ):
                 argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
             print(f"bench: {phase} ...", file=sys.stderr, flush=True)
