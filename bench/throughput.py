@@ -1,35 +1,60 @@
-"""Benchmark: training throughput of the default config, and decoding speed.
+"""Benchmarks: training and decoding throughput, peak memory and FLOP utilization.
 
-    python bench/throughput.py [--steps 150] [--decode-images 256]
+    python bench/throughput.py [--steps 200] [--decode-images 500] [--out results.json]
 
-It generates a shapes set in a temporary folder, trains the default config for `--steps`
-optimizer steps through `train(cfg)` (the real loop: data, loss, backward, clipping, Adam,
-schedule), and reports training images/s. It then decodes val images with the trained model
-and reports, measured side by side in this one run, greedy vs batched beam search vs beam
-search one image at a time (what most public implementations do).
+Four phases, each in its own process so that its peak memory is its own:
+
+- `shapes_train`: the shapes default (`caption-train` with no overrides) for `--steps`
+  optimizer steps through `train(cfg)`, the real loop: images/s and words/s.
+- `shapes_decode`: that trained model captions `--decode-images` test images with greedy,
+  beam 3 and beam 5 search, batched and one image at a time, side by side;
+  `beam_speedup` is beam 5's ratio and `beam_identical` whether the captions are the same.
+- `paper_train`: a paper-sized decoder (Xu et al.: 14x14 grid of D = 2048 cached features,
+  LSTM 512, attention 512, embedding 512, vocabulary 10,000, batch 64) trained from random
+  features: images/s, words/s, and the matmul FLOPs of a step (forward and backward, counted
+  by `torch.utils.flop_counter`) per second as a fraction of this machine's dense float32
+  matmul FLOP/s, measured in alternation with the steps (`flop_utilization`).
+- `paper_decode`: beam 5 with the paper-sized decoder, batched and one image at a time.
+
+It prints a table and writes every figure to `--out` as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from caption.checkpoint import load_captioner
-from caption.config import CONF_DIR
-from caption.data.dataset import ImageBank
-from caption.data.karpathy import read_karpathy
-from caption.data.shapes import generate_shapes
-from caption.train import train
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/throughput.py` from a checkout
+
+from caption.data.vocab import END_ID, PAD_ID, START_ID  # noqa: E402
+from caption.models.attention import SoftAttention  # noqa: E402
+from caption.models.captioner import Captioner  # noqa: E402
+from caption.models.scores import AdditiveScore  # noqa: E402
+from caption.runtime import configure_cpu  # noqa: E402
+
+# The paper-sized decoder (Xu et al. 2015 and the authors' COCO script).
+PAPER = {"grid": 14, "D": 2048, "hidden": 512, "attention": 512, "embed": 512, "vocab": 10000}
+PAPER_BATCH = 64
+PAPER_WORDS = (8, 16)  # caption lengths drawn uniformly from this range (COCO's bulk)
 
 
-def timed(fn, repeats: int = 3) -> float:
-    """Best wall-clock seconds of `repeats` calls."""
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Least wall-clock seconds of `repeats` calls: the run least disturbed by other work."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -38,55 +63,342 @@ def timed(fn, repeats: int = 3) -> float:
     return best
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory: GPU memory allocated on CUDA, else resident CPU memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    return platform.processor() or "cpu"
+
+
+class CachedFeatures(nn.Module):
+    """Stands in for a frozen encoder whose annotation vectors come from the feature cache."""
+
+    def __init__(self, out_dim: int) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+
+    def forward(self, images: Tensor) -> Tensor:
+        raise RuntimeError("cached features are (B, L, D); there is no image encoder")
+
+
+def paper_model(vocab: int = PAPER["vocab"], **dims: int) -> Captioner:
+    """The paper-sized captioner over cached features (smaller dims for tests)."""
+    d = {**PAPER, "vocab": vocab, **dims}
+    return Captioner(
+        CachedFeatures(d["D"]),
+        SoftAttention,
+        partial(AdditiveScore, hidden_dim=d["attention"]),
+        d["vocab"],
+        embed_dim=d["embed"],
+        hidden_dim=d["hidden"],
+        doubly_stochastic=1.0,
+    )
+
+
+def random_captions(B: int, V: int, words: tuple[int, int], seed: int = 0) -> Tensor:
+    """(B, T) `<start> w.. <end> <pad>..` with lengths drawn uniformly from `words`."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(words[0], words[1] + 1, (B,), generator=g)
+    captions = torch.full((B, int(lengths.max()) + 2), PAD_ID)
+    for b, n in enumerate(lengths.tolist()):
+        captions[b, 0] = START_ID
+        captions[b, 1 : n + 1] = torch.randint(4, V, (n,), generator=g)
+        captions[b, n + 1] = END_ID
+    return captions
+
+
+def step_flops(model: Captioner, features: Tensor, captions: Tensor) -> int:
+    """Matmul FLOPs of one training step's forward and backward, as torch counts them."""
+    with FlopCounterMode(display=False) as counter:
+        model.loss(features, captions).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_sec(device: torch.device, n: int = 2048, repeats: int = 3) -> float:
+    """This machine's dense float32 matmul FLOP/s: the best of `repeats` n x n products."""
+    x, y = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def product() -> None:
+        x @ y
+        sync(device)
+
+    product()
+    return 2 * n**3 / best_seconds(product, repeats)
+
+
+# --------------------------------------------------------------------------------- phases
+
+
+def phase_shapes_train(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from caption.config import CONF_DIR
+    from caption.data.shapes import generate_shapes
+    from caption.train import train
+
+    data = generate_shapes(work / "shapes", n_train=2000, n_val=1, n_test=args.decode_images)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            [
+                f"data.annotations={data}",
+                f"data.images={data.parent}",
+                f"run_dir={work / 'run'}",
+                "trainer.max_epochs=100",
+                f"trainer.max_steps={args.steps}",
+                "trainer.progress=false",
+                f"trainer.device={device}",
+                "trainer.val_max_images=1",
+            ],
+        )
+    summary = train(cfg)
+    return {
+        "images_per_sec": round(summary["images_per_sec"], 1),
+        "words_per_sec": round(summary["words_per_sec"], 1),
+        "steps": summary["steps"],
+        "batch_size": cfg.data.batch_size,
+        "image_size": cfg.data.image_size,
+    }
+
+
+def phase_shapes_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
+    from caption.checkpoint import load_captioner
+    from caption.data.dataset import ImageBank
+    from caption.data.karpathy import read_karpathy
+
+    model, _, cfg = load_captioner(work / "run" / "checkpoints" / "last.pt", device)
+    records = read_karpathy(work / "shapes" / "dataset_shapes.json")["test"]
+    images = ImageBank(records, cfg["data"]["image_size"]).pixels.to(device)
+    result: dict = {"images": len(images), "batch_size": args.decode_batch}
+    for name, strategy, k in (("greedy", "greedy", 1), ("beam3", "beam", 3), ("beam5", "beam", 5)):
+        result.update(decode_pair(model, images, name, strategy, k, args.decode_batch, device))
+    return result
+
+
+def decode_pair(
+    model: Captioner,
+    inputs: Tensor,
+    name: str,
+    strategy: str,
+    k: int,
+    batch: int,
+    device: torch.device,
+    max_len: int = 30,
+) -> dict:
+    """Batched vs one-image-at-a-time decoding of the same inputs, side by side."""
+
+    def run(size: int) -> Tensor:
+        out = []
+        for i in range(0, len(inputs), size):
+            gen = model.generate(
+                inputs[i : i + size], strategy=strategy, beam_size=k, max_len=max_len
+            )
+            out.extend(t[t != PAD_ID] for t in gen.tokens.cpu())
+        sync(device)
+        return out
+
+    batched_tokens = run(batch)  # warm-up, and the captions to compare
+    batched = best_seconds(lambda: run(batch), 2)
+    start = time.perf_counter()
+    single_tokens = run(1)
+    single = time.perf_counter() - start
+    same = all(torch.equal(a, b) for a, b in zip(batched_tokens, single_tokens, strict=True))
+    n = len(inputs)
+    return {
+        f"{name}_batched_images_per_sec": round(n / batched, 1),
+        f"{name}_one_at_a_time_images_per_sec": round(n / single, 1),
+        f"{name}_speedup": round(single / batched, 2),
+        f"{name}_identical": same,
+    }
+
+
+def phase_paper_train(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = paper_model().to(device)
+    L = PAPER["grid"] ** 2
+    features = torch.randn(PAPER_BATCH, L, PAPER["D"], device=device).relu_()  # post-ReLU maps
+    captions = random_captions(PAPER_BATCH, PAPER["vocab"], PAPER_WORDS).to(device)
+    words = int((captions[:, 1:] != PAD_ID).sum())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    params = list(model.parameters())
+
+    def step() -> None:
+        loss = model.loss(features, captions).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        optimizer.step()
+        sync(device)
+
+    flops = step_flops(model, features, captions)
+    step()  # warm-up: allocator, first-touch of Adam's state
+    # Alternate the reference matmul and the step, keeping the best of each: both see the
+    # same machine, and load from other processes disturbs both alike.
+    peaks, steps = [], []
+    for _ in range(args.rounds):
+        peaks.append(matmul_flops_per_sec(device))
+        steps.append(best_seconds(step, 1))
+    peak, seconds = max(peaks), min(steps)
+    return {
+        "batch_size": PAPER_BATCH,
+        "words_per_step": words,
+        "step_seconds": round(seconds, 3),
+        "images_per_sec": round(PAPER_BATCH / seconds, 1),
+        "words_per_sec": round(words / seconds, 1),
+        "step_gflop": round(flops / 1e9, 2),
+        "achieved_gflop_per_sec": round(flops / seconds / 1e9, 1),
+        "matmul_gflop_per_sec": round(peak / 1e9, 1),
+        "flop_utilization": round(flops / seconds / peak, 3),
+        "step_seconds_all": [round(s, 3) for s in steps],
+        "matmul_gflop_per_sec_all": [round(p / 1e9, 1) for p in peaks],
+    }
+
+
+def phase_paper_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = paper_model().to(device).eval()
+    L = PAPER["grid"] ** 2
+    features = torch.randn(args.paper_decode_images, L, PAPER["D"], device=device).relu_()
+    result = {"images": args.paper_decode_images, "max_len": 16}
+    result.update(
+        decode_pair(model, features, "beam5", "beam", 5, args.decode_batch, device, max_len=16)
+    )
+    return result
+
+
+PHASES = {
+    "shapes_train": phase_shapes_train,
+    "shapes_decode": phase_shapes_decode,
+    "paper_train": phase_paper_train,
+    "paper_decode": phase_paper_decode,
+}
+
+
+def run_phase(args: argparse.Namespace) -> None:
+    configure_cpu()  # what every command does: flush denormals, keep freed memory
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    start = time.perf_counter()
+    result = PHASES[args.phase](args, Path(args.work), device)
+    result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["device"] = device_name(device)
+    print(json.dumps(result))
+
+
+def table(results: dict) -> str:
+    """The figures as a markdown table."""
+    s, d, p, q = (results[k] for k in PHASES)
+    rows = [
+        (
+            "shapes default training",
+            f"{s['images_per_sec']:,} images/s, {s['words_per_sec']:,} words/s",
+        ),
+        (
+            "paper-sized training",
+            f"{p['images_per_sec']:,} images/s, {p['words_per_sec']:,} words/s",
+        ),
+        (
+            "paper-sized step",
+            f"{p['step_gflop']} GFLOP in {p['step_seconds']} s: "
+            f"{p['achieved_gflop_per_sec']} GFLOP/s",
+        ),
+        ("dense matmul (float32, 2048²)", f"{p['matmul_gflop_per_sec']} GFLOP/s"),
+        ("**flop_utilization**", f"**{p['flop_utilization']:.1%}**"),
+    ]
+    for name in ("greedy", "beam3", "beam5"):
+        rows.append(
+            (
+                f"shapes {name}, batched vs one at a time",
+                f"{d[f'{name}_batched_images_per_sec']:,} vs "
+                f"{d[f'{name}_one_at_a_time_images_per_sec']:,} images/s: "
+                f"{d[f'{name}_speedup']}x, identical: {d[f'{name}_identical']}",
+            )
+        )
+    rows += [
+        (
+            "**beam_speedup** (shapes, beam 5)",
+            f"**{results['beam_speedup']}x**, identical: {results['beam_identical']}",
+        ),
+        (
+            "paper-sized beam 5, batched vs one at a time",
+            f"{q['beam5_batched_images_per_sec']:,} vs {q['beam5_one_at_a_time_images_per_sec']:,} "
+            f"images/s: {q['beam5_speedup']}x, identical: {q['beam5_identical']}",
+        ),
+        (
+            "peak memory (shapes train / decode / paper train / decode)",
+            " / ".join(f"{results[k]['peak_memory_mb']:,.0f} MB" for k in PHASES),
+        ),
+    ]
+    lines = ["| benchmark | figure |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150, help="training steps to time")
-    parser.add_argument("--decode-images", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=200, help="shapes training steps")
+    parser.add_argument("--decode-images", type=int, default=500, help="shapes test images")
+    parser.add_argument("--decode-batch", type=int, default=250, help="images per batch")
+    parser.add_argument("--paper-decode-images", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=4, help="paper step/matmul rounds")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads per phase (0: torch's default)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "results.json")
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = generate_shapes(
-            Path(tmp) / "shapes", n_train=2000, n_val=args.decode_images, n_test=1
-        )
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(
-                "train",
-                [
-                    f"data.annotations={data}",
-                    f"data.images={data.parent}",
-                    f"run_dir={Path(tmp) / 'run'}",
-                    "trainer.max_epochs=1",
-                    f"trainer.max_steps={args.steps}",
-                    "trainer.progress=false",
-                    "trainer.device=cpu",
-                    "trainer.val_max_images=1",
-                ],
-            )
-        summary = train(cfg)
-        model, _, _ = load_captioner(Path(tmp) / "run" / "checkpoints" / "last.pt")
-        bank = ImageBank(read_karpathy(data)["val"], cfg.data.image_size)
-        images = bank.pixels
-        n = len(images)
-
-        def batched(strategy: str, k: int = 1, batch: int = 64) -> None:
-            for i in range(0, n, batch):
-                model.generate(images[i : i + batch], strategy=strategy, beam_size=k)
-
-        greedy = timed(lambda: batched("greedy"))
-        beam = timed(lambda: batched("beam", 3))
-        single = timed(lambda: batched("beam", 3, batch=1), repeats=1)
-    result = {
-        "train_images_per_sec": round(summary["images_per_sec"], 1),
-        "train_steps": summary["steps"],
-        "batch_size": cfg.data.batch_size,
-        "decode_images": n,
-        "greedy_images_per_sec": round(n / greedy, 1),
-        "beam3_batched_images_per_sec": round(n / beam, 1),
-        "beam3_one_at_a_time_images_per_sec": round(n / single, 1),
-        "beam3_batched_speedup": round(single / beam, 2),
-        "threads": torch.get_num_threads(),
-    }
-    print(json.dumps(result))
+    if args.phase:
+        run_phase(args)
+        return
+    results: dict = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    with tempfile.TemporaryDirectory() as work:
+        for phase in PHASES:
+            argv = [sys.executable, __file__, "--phase", phase, "--work", work]
+            for key in (
+                "steps",
+                "decode_images",
+                "decode_batch",
+                "paper_decode_images",
+                "rounds",
+                "device",
+                "threads",
+            ):
+                argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            print(f"bench: {phase} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"bench: phase {phase} failed:\n{proc.stderr[-3000:]}")
+            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results["beam_speedup"] = results["shapes_decode"]["beam5_speedup"]
+    results["beam_identical"] = results["shapes_decode"]["beam5_identical"]
+    results["flop_utilization"] = results["paper_train"]["flop_utilization"]
+    results["torch"] = torch.__version__
+    # Other processes' load, for the reader to judge contention: 1/5/15-minute averages.
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"written: {args.out}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError, cli_guard
 from caption.inference import score_bank
 from caption.runtime import configure_cpu
+from caption.speed import Precision, compile_model, images_to_device, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_train_config(cfg)
     configure_cpu()
     device = resolve_device(cfg.trainer.device)
+    precision = Precision(cfg.trainer.precision, device)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     _absolute_data_paths(cfg)
@@ -130,6 +132,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         max_size=cfg.data.vocab_size,
     )
     model = build_model(cfg.model, len(vocab)).to(device)
+    if cfg.trainer.channels_last:
+        to_channels_last(model)
     preload = d.preload and not d.feature_cache  # the cache replaces images in memory
     train_bank = ImageBank(splits["train"], d.image_size, preload)
     val_bank = ImageBank(splits["val"][: cfg.trainer.val_max_images], d.image_size, preload)
@@ -159,6 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         shuffle=True,
         collate_fn=collate_captions,
         num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,  # workers live across epochs
+        pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
         generator=torch.Generator().manual_seed(cfg.trainer.seed),
     )
 
@@ -192,9 +198,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
 
     t = cfg.trainer
+    if t.compile:  # after loading weights: compiling wraps methods, not the state dict
+        compile_model(model)
     metrics_file = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_seconds, train_images = 0.0, 0
+    train_seconds, train_images, train_words = 0.0, 0, 0
     stop = False
     while progress["epoch"] < t.max_epochs and not stop:
         epoch = progress["epoch"] + 1
@@ -206,7 +214,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
         model.train()
         sums = {"loss": 0.0, "nll": 0.0, "attention_reg": 0.0}
-        n_batches, epoch_images, start = 0, 0, time.perf_counter()
+        n_batches, epoch_images, epoch_words, start = 0, 0, 0, time.perf_counter()
         bar = tqdm(
             loader,
             desc=f"epoch {epoch}",
@@ -215,19 +223,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             mininterval=1.0,
             unit="batch",
         )
-        for images, captions, _ in bar:
-            images, captions = images.to(device), captions.to(device)
-            losses = model.loss(images, captions)
-            optimizer.zero_grad(set_to_none=True)
-            losses.loss.backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            optimizer.step()
+        for images, captions, lengths in bar:
+            images = images_to_device(images, device, t.channels_last)
+            captions = captions.to(device, non_blocking=True)
+            with precision.autocast():
+                losses = model.loss(images, captions)
+            precision.step(losses.loss, optimizer, params, t.grad_clip)
             scheduler.step()
             for k in sums:
                 sums[k] += getattr(losses, k).item()
             n_batches += 1
             epoch_images += len(images)
+            epoch_words += int(lengths.sum()) - len(lengths)  # predicted words, <end> included
             progress["step"] += 1
             speed = epoch_images / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{losses.loss.item():.3f}", img_s=f"{speed:.0f}", refresh=False)
@@ -237,6 +244,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         seconds = time.perf_counter() - start
         train_seconds += seconds
         train_images += epoch_images
+        train_words += epoch_words
         progress["epoch"] = epoch
 
         row: dict[str, Any] = {
@@ -244,6 +252,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "step": progress["step"],
             **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()},
             "images_per_sec": epoch_images / seconds,
+            "words_per_sec": epoch_words / seconds,
             "epoch_seconds": seconds,
         }
         if len(val_bank):
@@ -293,6 +302,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_val_bleu4": progress["best_bleu4"],
         "train_seconds": train_seconds,
         "images_per_sec": train_images / train_seconds if train_seconds else 0.0,
+        "words_per_sec": train_words / train_seconds if train_seconds else 0.0,
         "parameters": n_params,
         "overrides": _overrides(),
     }

@@ -62,7 +62,8 @@ def test_forward_backward(overrides: list[str]) -> None:
     B, T = captions.shape
     L = 8 * 8  # 64 px through the small CNN
     assert logits.shape == (B, T - 1, V) and alphas.shape == (B, T - 1, L)
-    assert torch.allclose(alphas.sum(-1), torch.ones(B, T - 1), atol=1e-5)
+    real = (captions[:, 1:] != PAD_ID).float()  # steps after <end> are not computed: α = 0
+    assert torch.allclose(alphas.sum(-1), real, atol=1e-5)
     losses = model.loss(images, captions)
     assert torch.isfinite(losses.loss)
     losses.loss.backward()
@@ -198,7 +199,8 @@ def test_one_head_is_single_head_attention() -> None:
     assert len(two.decoder.attention.attend) == 2
     images, captions = random_batch()
     out = two.eval()(images, captions)
-    assert torch.allclose(out.alphas.sum(-1), torch.ones(out.alphas.shape[:2]), atol=1e-5)
+    real = (captions[:, 1:] != PAD_ID).float()
+    assert torch.allclose(out.alphas.sum(-1), real, atol=1e-5)
 
 
 def test_multi_head_refuses_hard_attention() -> None:

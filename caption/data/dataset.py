@@ -75,6 +75,12 @@ class ImageBank:
             return self.pixels[i]
         return load_image(self.records[i].path, self.image_size)
 
+    def batch(self, ids: torch.Tensor) -> torch.Tensor:
+        """Images `ids` as one (B, 3, S, S) tensor: a single gather when preloaded."""
+        if self.pixels is not None:
+            return self.pixels[ids]
+        return torch.stack([self[i] for i in ids.tolist()])
+
 
 class CaptionBatch(NamedTuple):
     images: torch.Tensor  # (B, 3, S, S) uint8
@@ -98,6 +104,14 @@ class CaptionDataset(Dataset):
             for i, r in enumerate(bank.records)
             for c in r.captions
         ]
+        # The same pairs as tensors, so that a batch is a few gathers, not a Python loop.
+        self.image_ids = torch.tensor([i for i, _ in self.pairs], dtype=torch.long)
+        self.lengths = torch.tensor([len(ids) for _, ids in self.pairs], dtype=torch.long)
+        self.captions = pad_sequence(
+            [ids for _, ids in self.pairs] or [torch.zeros(0, dtype=torch.long)],
+            batch_first=True,
+            padding_value=PAD_ID,
+        )
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -106,9 +120,24 @@ class CaptionDataset(Dataset):
         i, ids = self.pairs[k]
         return self.bank[i], ids
 
+    def __getitems__(self, keys: list[int]) -> CaptionBatch:
+        """A whole batch at once (the DataLoader calls this when it exists): what
+        `collate_captions` would make of the items, without per-item Python work."""
+        k = torch.as_tensor(keys, dtype=torch.long)
+        lengths = self.lengths[k]
+        captions = self.captions[k, : int(lengths.max())]  # right-padded to the longest
+        return CaptionBatch(self.bank.batch(self.image_ids[k]), captions, lengths)
 
-def collate_captions(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> CaptionBatch:
-    """Stack images and right-pad captions with `<pad>` to the longest in the batch."""
+
+def collate_captions(
+    batch: list[tuple[torch.Tensor, torch.Tensor]] | CaptionBatch,
+) -> CaptionBatch:
+    """Stack images and right-pad captions with `<pad>` to the longest in the batch.
+
+    A `CaptionBatch` (from `CaptionDataset.__getitems__`) is already collated: it passes through.
+    """
+    if isinstance(batch, CaptionBatch):
+        return batch
     images, captions = zip(*batch, strict=True)
     lengths = torch.tensor([len(c) for c in captions])
     return CaptionBatch(

@@ -75,6 +75,10 @@ class FeatureBank:
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.features[i], dtype=np.float32))  # copy out of the map
 
+    def batch(self, ids: torch.Tensor) -> torch.Tensor:
+        """Annotation vectors of images `ids`, (B, L, D) float32, in one read of the map."""
+        return torch.from_numpy(np.array(self.features[ids.numpy()], dtype=np.float32))
+
     @classmethod
     def build(
         cls,

@@ -45,6 +45,10 @@ class SoftAttention(nn.Module):
         """Per-sequence memory, computed once per image: the step-independent part of the score."""
         return self.score.keys(annotations)
 
+    def narrow(self, memory: Tensor, n: int) -> Tensor:
+        """The memory of the first `n` sequences, when the rest have ended (a view, no copy)."""
+        return memory[:n]
+
     def forward(
         self, query: Tensor, annotations: Tensor, memory: Tensor, location: Tensor | None = None
     ) -> AttentionOutput:
@@ -145,6 +149,11 @@ class HardAttention(SoftAttention):
         flips = 1 if self.coin == "batch" else B
         expect = torch.rand(flips, device=annotations.device) < self.expectation_prob
         return HardMemory(keys, expect.expand(B))
+
+    def narrow(self, memory: HardMemory, n: int) -> HardMemory:
+        """The memory of the first `n` sequences: their keys and their coins."""
+        expect = memory.expect[:n] if memory.expect is not None else None
+        return HardMemory(memory.keys[:n], expect)
 
     def forward(
         self, query: Tensor, annotations: Tensor, memory: HardMemory, location: Tensor | None = None

@@ -116,24 +116,26 @@ class Captioner(nn.Module):
         if hard and attention.samples > 1:  # N location samples per image share one encoding
             annotations = annotations.repeat_interleave(attention.samples, dim=0)
             captions = captions.repeat_interleave(attention.samples, dim=0)
-        out = self.decoder(annotations, captions, locations)
-        targets = captions[:, 1:]  # (B, T-1) predict the next word
-        mask = targets != PAD_ID  # padding is not a word: it must not count
-        n_words = mask.sum()
-        token_nll = F.cross_entropy(
-            out.logits.transpose(1, 2), targets, ignore_index=PAD_ID, reduction="none"
-        )  # (B, T-1), 0 at padding
+        # Packed: only real words are decoded and scored, so padding cannot count.
+        out = self.decoder.packed(annotations, captions, locations)
+        B, L = annotations.shape[:2]
+        n_words = len(out.targets)
+        token_nll = F.cross_entropy(out.logits, out.targets, reduction="none")  # (N,)
         nll = token_nll.sum() / n_words
-        # Σ_t α_ti over the real steps only: each location should be looked at about once.
-        mass = (out.alphas * mask.unsqueeze(-1)).sum(dim=1)  # (B, T-1, L) -> (B, L)
+
+        def per_caption(x: Tensor) -> Tensor:  # (N, ...) -> (B, ...) summed over steps
+            return x.new_zeros(B, *x.shape[1:]).index_add(0, out.rows, x)
+
+        # Σ_t α_ti over the real steps: each location should be looked at about once.
+        mass = per_caption(out.alphas)  # (B, L)
         reg = ((1.0 - mass) ** 2).sum(dim=1).mean()
         loss = nll + self.doubly_stochastic * reg
         if hard:
-            reward = -token_nll.sum(dim=1).detach()  # (B,) R = log p(y | s̃, a)
+            reward = -per_caption(token_nll).detach()  # (B,) R = log p(y | s̃, a)
             if attention.reward == "word":  # the authors' code: the mean per-word log-likelihood
-                reward = reward / mask.sum(dim=1)
-            log_p_s = (out.location_log_probs * mask).sum(dim=1)  # (B,) log p(s̃ | a)
-            entropy = (out.entropies * mask).sum(dim=1)  # (B,) Σ_t H[α_t]
+                reward = reward / per_caption(torch.ones_like(token_nll))
+            log_p_s = per_caption(out.location_log_probs)  # (B,) log p(s̃ | a)
+            entropy = per_caption(out.entropies)  # (B,) Σ_t H[α_t]
             advantage = reward - attention.baseline  # computed before b moves
             surrogate = attention.reward_weight * advantage * log_p_s
             surrogate = surrogate + attention.entropy_weight * entropy
@@ -185,12 +187,13 @@ class Captioner(nn.Module):
         dec = self.decoder
         memory = dec.attention.prepare(annotations)
         state = dec.init_state(annotations)
+        recurrent = dec.recurrent_weight()  # once per batch, not once per step
         y = annotations.new_full((B,), START_ID, dtype=torch.long)
         done = torch.zeros(B, dtype=torch.bool, device=annotations.device)
         log_prob = annotations.new_zeros(B)
         tokens, alphas, betas, locations, positions = [], [], [], [], []
         for _ in range(max_len):
-            step = dec.step(y, state, annotations, memory)
+            step = dec.step(y, state, annotations, memory, recurrent)
             logits = _no_specials(step.logits)
             logp = logits.log_softmax(-1)  # (B, V)
             if sample:
@@ -228,6 +231,7 @@ class Captioner(nn.Module):
         a = annotations.repeat_interleave(K, dim=0)  # (B*K, L, D): image b's beams are rows bK..
         memory = dec.attention.prepare(a)
         state = dec.init_state(a)
+        recurrent = dec.recurrent_weight()
         y = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
         scores = annotations.new_zeros(B, K)
         scores[:, 1:] = float("-inf")  # all beams start equal: keep one, or topk picks K copies
@@ -240,7 +244,7 @@ class Captioner(nn.Module):
         positions = None  # (B, K, t, 2), for attentions that report a window centre
         offsets = torch.arange(B, device=device).unsqueeze(1) * K  # (B, 1) row of beam 0
         for _ in range(max_len):
-            step = dec.step(y, state, a, memory)
+            step = dec.step(y, state, a, memory, recurrent)
             logp = _no_specials(step.logits).log_softmax(-1).view(B, K, -1)  # log-probs, not logits
             V = logp.shape[-1]
             # A finished hypothesis has one continuation, <pad>, which costs nothing.

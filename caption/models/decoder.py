@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from caption.data.vocab import PAD_ID
@@ -27,6 +29,25 @@ class DecoderOutput(NamedTuple):
     location_log_probs: Tensor | None  # (B, T-1) log p(s_t | a), hard attention only
     entropies: Tensor | None  # (B, T-1) H[α_t], hard attention only
     positions: Tensor | None = None  # (B, T-1, 2) local attention's p_t (row, col) in cells
+
+
+class PackedOutput(NamedTuple):
+    """Teacher-forced outputs for the real words only, one row per (caption, step) pair.
+
+    Rows are in time-major order over captions sorted by length, as in a `PackedSequence`:
+    step 0 of every caption, then step 1 of those still going, and so on. `rows` and `steps`
+    say where each row belongs in the padded (B, T-1) layout.
+    """
+
+    logits: Tensor  # (N, V)
+    alphas: Tensor  # (N, L)
+    locations: Tensor  # (N,)
+    location_log_probs: Tensor | None  # (N,) hard attention only
+    entropies: Tensor | None  # (N,) hard attention only
+    positions: Tensor | None  # (N, 2) local attention only
+    targets: Tensor  # (N,) the word each row predicts, never `<pad>`
+    rows: Tensor  # (N,) the caption (row of the input batch) of each packed row
+    steps: Tensor  # (N,) its step t
 
 
 class Decoder(nn.Module):
@@ -104,21 +125,40 @@ class Decoder(nn.Module):
             h, c = zeros, zeros.clone()
         return (h, c, zeros) if self.input_feeding else (h, c)
 
+    def input_gates(self, emb: Tensor) -> Tensor:
+        """The word's share of the LSTM gates, E y W_ihᵀ + biases, for any leading shape.
+
+        It does not depend on the recurrence, so teacher forcing computes it for all steps in
+        one large matmul instead of one small one per step.
+        """
+        m = self.embed.embedding_dim
+        return F.linear(emb, self.lstm.weight_ih[:, :m], self.lstm.bias_ih + self.lstm.bias_hh)
+
+    def recurrent_weight(self) -> Tensor:
+        """[W_ih (context part) | W_hh], so that each step's gates are one matmul of [x; h]."""
+        m = self.embed.embedding_dim
+        return torch.cat([self.lstm.weight_ih[:, m:], self.lstm.weight_hh], dim=1)
+
     def advance(
         self,
-        emb: Tensor,
+        gates_in: Tensor,
         state: tuple[Tensor, ...],
         annotations: Tensor,
         memory: object,
+        recurrent: Tensor,
         location: Tensor | None = None,
     ) -> tuple[tuple[Tensor, ...], Tensor, AttentionOutput, Tensor]:
         """One LSTM step: attend with h_{t-1}, gate, then update the state.
 
+        The cell is `nn.LSTMCell`'s (same weights, gate order i, f, g, o), written out so that
+        the word's share of the gates can be computed ahead for all steps.
+
         Args:
-            emb: E y_{t-1}, (B, m).
+            gates_in: `input_gates(E y_{t-1})`, (B, 4H).
             state: (h_{t-1}, c_{t-1}), plus h̃_{t-1} with input feeding.
             annotations: a, (B, L, D).
             memory: `attention.prepare(annotations)`.
+            recurrent: `recurrent_weight()`, computed once per sequence.
             location: (B,) cells to force, for hard attention.
 
         Returns:
@@ -128,11 +168,14 @@ class Decoder(nn.Module):
         att = self.attention(h, annotations, memory, location)  # scores use h_{t-1}
         beta = torch.sigmoid(self.f_beta(h)) if self.f_beta is not None else h.new_ones(len(h), 1)
         z = beta * att.context  # (B, D) ẑ_t = β_t Σ_i α_ti a_i (soft) or β_t a_{s_t} (hard)
-        if not self.input_feeding:
-            h, c = self.lstm(torch.cat([emb, z], dim=-1), (h, c))
-            return (h, c), z, att, beta.squeeze(-1)
         # Input feeding: last step's attentional vector tells the LSTM where it looked before.
-        h, c = self.lstm(torch.cat([emb, z, state[2]], dim=-1), (h, c))
+        x = [z, state[2], h] if self.input_feeding else [z, h]
+        gates = torch.addmm(gates_in, torch.cat(x, dim=-1), recurrent.t())  # (B, 4H)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if not self.input_feeding:
+            return (h, c), z, att, beta.squeeze(-1)
         feed = torch.tanh(self.W_c(torch.cat([z, h], dim=-1)))  # (B, H) h̃_t
         return (h, c, feed), z, att, beta.squeeze(-1)
 
@@ -143,46 +186,118 @@ class Decoder(nn.Module):
         return self.L_o(self.dropout(h))
 
     def step(
-        self, y_prev: Tensor, state: tuple[Tensor, ...], annotations: Tensor, memory: object
+        self,
+        y_prev: Tensor,
+        state: tuple[Tensor, ...],
+        annotations: Tensor,
+        memory: object,
+        recurrent: Tensor | None = None,
     ) -> DecoderStep:
-        """Decode one word given the previous one, for inference."""
+        """Decode one word given the previous one, for inference.
+
+        Args:
+            y_prev: (B,) the previous words.
+            state: the decoder state.
+            annotations: a, (B, L, D).
+            memory: `attention.prepare(annotations)`.
+            recurrent: `recurrent_weight()`; pass it to compute it once per caption, not per step.
+        """
         emb = self.embed(y_prev)  # (B,) -> (B, m)
-        state, z, att, beta = self.advance(emb, state, annotations, memory)
+        recurrent = self.recurrent_weight() if recurrent is None else recurrent
+        state, z, att, beta = self.advance(
+            self.input_gates(emb), state, annotations, memory, recurrent
+        )
         return DecoderStep(self.output(emb, state[0], z), state, att, beta)
 
-    def forward(
+    def packed(
         self, annotations: Tensor, captions: Tensor, locations: Tensor | None = None
-    ) -> DecoderOutput:
-        """Teacher forcing over whole captions.
+    ) -> PackedOutput:
+        """Teacher forcing over the real words only, the batch shrinking as captions end.
+
+        Captions are sorted by length, so the captions still going at step t are a prefix of
+        the batch: step t runs on that prefix alone (views, no copies), and padding costs no
+        attention, LSTM or output-layer work. The word embeddings' share of the gates and the
+        output layer run once over all words.
 
         Args:
             annotations: a (B, L, D).
             captions: (B, T) token ids `<start> w_1 .. w_n <end> <pad>..`.
             locations: (B, T-1) cells to force at each step (hard attention only).
         """
-        B, T = captions.shape
-        memory = self.attention.prepare(annotations)  # once per image, not once per step
-        state = self.init_state(annotations)
-        emb = self.embed(captions[:, :-1])  # (B, T-1, m) E y_{t-1}
+        targets = captions[:, 1:]  # (B, T-1)
+        lengths = (targets != PAD_ID).sum(dim=1)  # steps per caption
+        order = lengths.argsort(descending=True, stable=True)
+        steps = torch.arange(targets.shape[1], device=captions.device)
+        live = steps.unsqueeze(1) < lengths[order].unsqueeze(0)  # (T-1, B) time-major
+        counts = live.sum(dim=1).tolist()  # captions still going at each step; one sync
+        a = annotations[order]
+        memory = self.attention.prepare(a)  # once per image, not once per step
+        state = self.init_state(a)
+        recurrent = self.recurrent_weight()
+        emb = self.embed(captions[order, :-1].t()[live])  # (N, m), time-major packed
+        gates_in = self.input_gates(emb).split(counts)  # all words at once, then per step
+        forced = locations[order] if locations is not None else None
         hs, zs, atts = [], [], []
-        for t in range(T - 1):
-            forced = locations[:, t] if locations is not None else None
-            state, z, att, _ = self.advance(emb[:, t], state, annotations, memory, forced)
+        for t, n in enumerate(counts):
+            if n == 0:
+                break
+            if n < len(state[0]):  # the shortest captions ended: drop them from the batch
+                state = tuple(x[:n] for x in state)
+                a = a[:n]
+                memory = self.attention.narrow(memory, n)
+            force = forced[:n, t] if forced is not None else None
+            state, z, att, _ = self.advance(gates_in[t], state, a, memory, recurrent, force)
             hs.append(state[0])
             zs.append(z)
             atts.append(att)
-        # The output layer has no recurrence: one batched matmul over all steps.
-        logits = self.output(emb, torch.stack(hs, 1), torch.stack(zs, 1))  # (B, T-1, V)
+        # The output layer has no recurrence: one matmul over all words.
+        logits = self.output(emb, torch.cat(hs), torch.cat(zs))  # (N, V)
 
-        def stacked(field: str) -> Tensor | None:
-            values = [getattr(a, field) for a in atts]
-            return None if values[0] is None else torch.stack(values, 1)
+        def packed(field: str) -> Tensor | None:
+            values = [getattr(x, field) for x in atts]
+            return None if values[0] is None else torch.cat(values)
+
+        grid_rows = order.expand(len(steps), -1)  # (T-1, B): the input row of each slot
+        grid_steps = steps.unsqueeze(1).expand_as(grid_rows)
+        return PackedOutput(
+            logits,
+            packed("alpha"),
+            packed("location"),
+            packed("log_prob"),
+            packed("entropy"),
+            packed("position"),
+            targets[order].t()[live],
+            grid_rows[live],
+            grid_steps[live],
+        )
+
+    def forward(
+        self, annotations: Tensor, captions: Tensor, locations: Tensor | None = None
+    ) -> DecoderOutput:
+        """Teacher forcing over whole captions, in the padded (B, T-1) layout.
+
+        The steps after a caption's `<end>` are not computed: there the logits and α are 0,
+        the locations -1, the hard-attention terms 0 and the window positions NaN.
+
+        Args:
+            annotations: a (B, L, D).
+            captions: (B, T) token ids `<start> w_1 .. w_n <end> <pad>..`.
+            locations: (B, T-1) cells to force at each step (hard attention only).
+        """
+        out = self.packed(annotations, captions, locations)
+        B, T = captions.shape
+
+        def padded(x: Tensor | None, fill: float) -> Tensor | None:
+            if x is None:
+                return None
+            grid = x.new_full((B, T - 1, *x.shape[1:]), fill)
+            return grid.index_put((out.rows, out.steps), x)
 
         return DecoderOutput(
-            logits,
-            stacked("alpha"),
-            stacked("location"),
-            stacked("log_prob"),
-            stacked("entropy"),
-            stacked("position"),
+            padded(out.logits, 0.0),
+            padded(out.alphas, 0.0),
+            padded(out.locations, -1),
+            padded(out.location_log_probs, 0.0),
+            padded(out.entropies, 0.0),
+            padded(out.positions, math.nan),
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +112,13 @@ class LocalAttention(SoftAttention):
         ij = torch.arange(S, device=annotations.device, dtype=annotations.dtype) + 0.5
         centres = torch.cartesian_prod(ij, ij)  # (L, 2) row-major: (i + 0.5, j + 0.5)
         return LocalMemory(self.score.keys(annotations), S, centres)
+
+    def narrow(self, memory: LocalMemory, n: int) -> LocalMemory:
+        """The memory of the first `n` sequences; it carries on from `memory`'s step.
+
+        Use the returned memory from here on: `forward` advances the step of the one it gets.
+        """
+        return replace(memory, keys=memory.keys[:n])
 
     def forward(
         self,

@@ -14,7 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+# In place: the (B, L, A) sum they act on is a fresh temporary and the largest tensor of a
+# decoder step, so not allocating a second one saves memory traffic (autograd allows it: the
+# sum's backward does not need its output).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"tanh": torch.tanh_, "relu": torch.relu_}
 
 
 class AdditiveScore(nn.Module):
@@ -37,7 +40,7 @@ class AdditiveScore(nn.Module):
             )
         self.key_proj = nn.Linear(key_dim, hidden_dim)  # W_a
         self.query_proj = nn.Linear(query_dim, hidden_dim, bias=False)  # U_a
-        self.act = ACTIVATIONS[activation]()
+        self.act = ACTIVATIONS[activation]
         self.v = nn.Linear(hidden_dim, 1)  # v_a
 
     def keys(self, annotations: Tensor) -> Tensor:
@@ -47,7 +50,8 @@ class AdditiveScore(nn.Module):
     def forward(self, query: Tensor, keys: Tensor) -> Tensor:
         """Scores e (B, L) of query h (B, H) against precomputed keys (B, L, A)."""
         q = self.query_proj(query)  # (B, H) -> (B, A)
-        return self.v(self.act(keys + q.unsqueeze(1))).squeeze(-1)  # (B, L, A) -> (B, L)
+        hidden = self.act(keys + q.unsqueeze(1))  # (B, L, A)
+        return self.v(hidden).squeeze(-1)  # (B, L, A) -> (B, L)
 
 
 class DotScore(nn.Module):
