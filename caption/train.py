@@ -255,7 +255,7 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
     configure_cpu()
     device = dist.device
     if not dist.is_main:  # one copy of the log: rank 0's (warnings still come from all)
-        logging.getLogger("caption").setLevel(logging.WARNING)
+        logging.getLogger().setLevel(logging.WARNING)
     # Each rank's Hydra may have picked its own timestamped dir: rank 0's is the run's.
     run_dir = Path(broadcast_object(dist, str(cfg.run_dir)))
     ckpt_dir = run_dir / "checkpoints"
