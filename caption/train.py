@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
-from caption.config import CONF_DIR, check_train_config
+from caption.config import CONF_DIR, check_group_overrides, check_train_config
 from caption.data.dataset import CaptionBatch, CaptionDataset, ImageBank, collate_captions
 from caption.data.features import FeatureBank
 from caption.data.formats import absolute_spec, check_images, read_dataset
@@ -560,9 +560,16 @@ def _interrupted(name: str | None, progress: dict[str, Any], run_dir: Path, dist
     return {"run_dir": str(run_dir), "steps": progress["step"], "interrupted": name}
 
 
+@cli_guard
+def main() -> None:
+    """`caption-train`: unknown config-group options are refused in one line, then Hydra."""
+    check_group_overrides(sys.argv[1:])
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @cli_guard
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     summary = train(cfg)
     if summary.get("interrupted"):  # saved; exit as the signal would have, 128 + its number
         sys.exit(128 + signal.Signals[summary["interrupted"]].value)

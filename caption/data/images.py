@@ -57,9 +57,10 @@ def read_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
         raise
     except UnidentifiedImageError:
         raise CaptionError(f"{path}: not an image file (Pillow cannot identify it)") from None
-    except Image.DecompressionBombError:
+    except Image.DecompressionBombError:  # Pillow refuses from the header, above 2x its limit
         raise CaptionError(
-            f"{path}: image too large for Pillow (a decompression bomb?); resize it"
+            f"{path}: image is above Pillow's decompression-bomb limit of "
+            f"{2 * MAX_PIXELS:,} pixels; resize it"
         ) from None
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -68,8 +69,8 @@ def read_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
 
 def _too_large(path: Path, w: int, h: int, max_pixels: int) -> CaptionError:
     return CaptionError(
-        f"{path}: image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
-        "(a decompression bomb?); resize it, or raise data.max_image_pixels"
+        f"{path}: image is {w}x{h} = {w * h:,} pixels, above the decompression-bomb limit of "
+        f"{max_pixels:,}; resize it, or raise max_image_pixels"
     )
 
 
