@@ -520,19 +520,21 @@ def _step(
         words = (captions[:, 1:] != PAD_ID).sum() if len(captions) else 0
         totals = all_reduce_sum(dist, torch.tensor([float(words), float(len(images))]))
         totals = totals.to(device)
-    if len(images) and (totals is None or totals[0] > 0):
+    images_in_step = len(images) if totals is None else totals[1]  # all ranks together
+    if images_in_step == 0:
+        return dict.fromkeys(("loss", "nll", "attention_reg"), 0.0)  # no image read, no step
+    if len(images):
         losses = model.loss(images, captions, totals=totals)
         losses.loss.backward()
         values = torch.stack([losses.loss, losses.nll, losses.attention_reg]).detach()
-    else:  # every image of this batch was unreadable: this rank adds nothing, but takes part
+    else:  # every image of this rank's batch was unreadable: it adds zeros, but takes part
         values = torch.zeros(3, device=device)
-    if dist.enabled or len(images):
-        all_reduce_gradients(dist, params)
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        scheduler.step()
-        average_buffers(dist, model)
+    all_reduce_gradients(dist, params)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    average_buffers(dist, model)
     values = all_reduce_sum(dist, values).tolist()
     return dict(zip(("loss", "nll", "attention_reg"), values, strict=True))
 
