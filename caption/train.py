@@ -379,6 +379,11 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
     train_seconds, train_images = 0.0, 0
     stop = progress["step"] >= (t.max_steps or math.inf)
     with StopSignals() as signals:
+        log.info(
+            "training from epoch %d, step %d (SIGTERM or Ctrl-C saves last.pt, then stops)",
+            progress["epoch"] + 1,
+            progress["step"],
+        )
         while progress["epoch"] < t.max_epochs and not stop:
             epoch = progress["epoch"] + 1
             if model.encoder.set_epoch(epoch):
