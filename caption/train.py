@@ -315,6 +315,7 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
         num_workers=cfg.data.num_workers,
         # Its own generator: creating an epoch's iterator must not draw from the global one.
         generator=torch.Generator().manual_seed(t.seed),
+        worker_init_fn=_ignore_stop_signals,
     )
     step_samples = cfg.data.batch_size * dist.world_size  # one step, all ranks together
 
@@ -405,8 +406,8 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
                 unit="batch",
             )
             for batch in bar:
-                losses = _step(batch, model, optimizer, scheduler, params, dist, t.grad_clip)
                 part["skipped"] += _report_skipped(batch.skipped, d.strict_images)
+                losses = _step(batch, model, optimizer, scheduler, params, dist, t.grad_clip)
                 for k in part["sums"]:
                     part["sums"][k] += losses[k]
                 part["batches"] += 1
@@ -437,6 +438,8 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
             part["seconds"] += time.perf_counter() - start
             train_seconds += part["seconds"]
             train_images += part["images"]
+            skipped = all_reduce_sum(dist, torch.tensor([float(part["skipped"])]))
+            part["skipped"] = int(skipped.item())  # every rank's, for the log and metrics
             if part["skipped"]:
                 log.warning("epoch %d: skipped %d unreadable image(s)", epoch, part["skipped"])
 
@@ -542,6 +545,13 @@ def _step(
     average_buffers(dist, model)
     values = all_reduce_sum(dist, values).tolist()
     return dict(zip(("loss", "nll", "attention_reg"), values, strict=True))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves and then
+    shuts them down; a worker killed by Ctrl-C would break the batch being saved after."""
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _report_skipped(skipped: tuple[str, ...], strict: bool) -> int:
