@@ -36,7 +36,7 @@ def epoch_seconds(model: Captioner, dataset: CaptionDataset, batch_size: int) ->
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions)
     start = time.perf_counter()
-    for inputs, captions, _ in loader:
+    for inputs, captions, *_ in loader:
         loss = model.loss(inputs, captions).loss
         optimizer.zero_grad()
         loss.backward()

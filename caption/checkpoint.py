@@ -8,7 +8,9 @@ so loading a file from elsewhere cannot run anything.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,10 @@ from caption.errors import CaptionError
 from caption.models.captioner import Captioner
 
 FORMAT = "caption-checkpoint"
-VERSION = 1
+# 1: weights, optimizer, scheduler, config, vocabulary, progress, torch's RNG.
+# 2: adds the position inside the epoch and its running sums, and every generator's state
+#    (Python, NumPy, torch CPU and CUDA) per rank; version 1 files still load and resume.
+VERSION = 2
 
 # Classes that moved after checkpoints naming them were written: old `_target_` -> new.
 MOVED_TARGETS = {
@@ -63,24 +68,43 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint: {path} does not exist; pass checkpoint=<run dir>/checkpoints/best.pt"
         )
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error says it
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for foreign or corrupt files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _load_failure(e)
         raise CaptionError(
             f"checkpoint: {path} is not a caption checkpoint and cannot be read "
-            f"safely ({reason[:160]}); pass a file written by caption-train"
+            f"safely ({reason}); pass a file written by caption-train"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CaptionError(
             f"checkpoint: {path} is not a caption checkpoint (no '{FORMAT}' "
             "marker); pass a file written by caption-train"
         )
-    if ckpt.get("version", 0) > VERSION:
+    version = ckpt.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CaptionError(
-            f"checkpoint: {path} has format version {ckpt['version']}, newer "
+            f"checkpoint: {path} has no valid format version ({version!r}); pass a file "
+            "written by caption-train"
+        )
+    if version > VERSION:
+        raise CaptionError(
+            f"checkpoint: {path} has format version {version}, newer "
             f"than this caption ({VERSION}); upgrade caption to read it"
         )
     return ckpt
+
+
+def _load_failure(e: Exception) -> str:
+    """One line on why `torch.load(weights_only=True)` refused a file."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+        # The pickle asks for something other than tensors and plain data: code could run.
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        return f"it holds pickled objects, not just tensors, refused unexecuted: {detail[:100]}"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return first[:160]
 
 
 def build_model(model_cfg: DictConfig, vocab_size: int, from_checkpoint: bool = False) -> Captioner:

@@ -39,6 +39,13 @@ def check_float(cfg: DictConfig, key: str, minimum: float = 0.0, optional: bool 
         _fail(key, value, f"a number >= {minimum}" + (" or null" if optional else ""))
 
 
+def check_bool(cfg: DictConfig, key: str) -> None:
+    """`cfg[key]` is true or false."""
+    value = cfg[key.split(".")[-1]]
+    if not isinstance(value, bool):
+        _fail(key, value, "true or false")
+
+
 def check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
     """`cfg[key]` is one of `choices`."""
     value = cfg[key.split(".")[-1]]
@@ -52,6 +59,32 @@ def check_decoding(cfg: DictConfig, prefix: str = "") -> None:
     check_int(cfg, f"{prefix}beam_size", 1)
     check_int(cfg, f"{prefix}max_len", 1)
     check_int(cfg, f"{prefix}batch_size", 1)
+
+
+def check_group_overrides(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
+    """Refuse `group=option` overrides that name no option, listing the valid ones on one line.
+
+    Hydra refuses them too, but over several lines; this runs before it, on the command line's
+    arguments. Sweeps (`a,b`) are checked option by option; sweep functions are left to Hydra.
+
+    Raises:
+        CaptionError: an option of a config group does not exist.
+    """
+    root = Path(conf_dir)
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        folder = root / key
+        if key.startswith("hydra") or "." in key or not folder.is_dir() or "(" in value:
+            continue
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in options and option not in ("null", ""):
+                raise CaptionError(
+                    f"config: {key}={option} is not an option of {key}; valid: {', '.join(options)}"
+                )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,6 +114,10 @@ def check_train_config(cfg: DictConfig) -> None:
     check_float(t, "trainer.grad_clip", 0.0, optional=True)
     check_int(t, "trainer.patience", 1, optional=True)
     check_int(t, "trainer.val_max_images", 1, optional=True)
+    check_int(t, "trainer.checkpoint_every", 1, optional=True)
+    check_bool(t, "trainer.deterministic")
+    check_bool(t, "trainer.resume")
+    check_float(t, "trainer.dist_timeout_s", 1.0)
     check_decoding(t.val, "trainer.val.")
     check_int(d, "data.image_size", 16)
     check_int(d, "data.batch_size", 1)
@@ -88,6 +125,12 @@ def check_train_config(cfg: DictConfig) -> None:
     check_int(d, "data.vocab_size", 5, optional=True)
     check_int(d, "data.max_caption_len", 1, optional=True)
     check_int(d, "data.num_workers", 0)
+    check_int(d, "data.max_image_pixels", 1, optional=True)
+    check_bool(d, "data.strict_images")
+    check_bool(d, "data.preload")
+    check_bool(d, "data.feature_cache")
+    if cfg.resume is not None and not isinstance(cfg.resume, str):
+        _fail("resume", cfg.resume, "a run dir or a checkpoint file")
     check_float(cfg.model, "model.dropout", 0.0)
     if cfg.model.dropout >= 1:
         _fail("model.dropout", cfg.model.dropout, "in [0, 1)")

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
-from caption.config import CONF_DIR, check_decoding, check_float, resolve_device
+from caption.config import CONF_DIR, check_decoding, check_float, check_int, resolve_device
 from caption.data.images import expand_images
 from caption.errors import cli_guard
 from caption.inference import caption_files, caption_line
@@ -31,6 +31,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     """
     check_decoding(cfg)
     check_float(cfg, "temperature", 1e-6)
+    check_int(cfg, "max_image_pixels", 1, optional=True)
     device = resolve_device(cfg.device)
     configure_cpu()
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
@@ -46,6 +47,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             failed,
             batch_size=cfg.batch_size,
             device=device,
+            max_pixels=cfg.max_image_pixels,
             strategy=cfg.strategy,
             beam_size=cfg.beam_size,
             max_len=cfg.max_len,

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
 from caption.data.dataset import ImageBank, ImageDataset
-from caption.data.images import load_image
+from caption.data.images import MAX_PIXELS, load_image
 from caption.data.karpathy import ImageRecord
 from caption.data.vocab import PAD_ID, Vocabulary
 from caption.errors import CaptionError
@@ -49,12 +49,14 @@ def caption_files(
     *,
     batch_size: int,
     device: torch.device | str,
+    max_pixels: int | None = MAX_PIXELS,
     **decode: Any,
 ) -> Iterator[tuple[list[Path], Generated]]:
     """Caption image files in batches, for the tools that take `images=`.
 
     A file that cannot be read is reported on stderr as `error: ...; skipped`, appended to
-    `failed`, and costs nothing else: the rest of its batch is still captioned.
+    `failed`, and costs nothing else: the rest of its batch is still captioned. Images larger
+    than `max_pixels` are refused from their header (see `caption.data.images.read_rgb`).
 
     Yields:
         The paths of a batch that loaded, and their `Generated`.
@@ -63,7 +65,7 @@ def caption_files(
         images, good = [], []
         for path in files[start : start + batch_size]:
             try:
-                images.append(load_image(path, image_size))
+                images.append(load_image(path, image_size, max_pixels))
                 good.append(path)
             except CaptionError as e:
                 print(f"error: {e}; skipped", file=sys.stderr, flush=True)

@@ -66,27 +66,33 @@ class Precision:
 
     def step(
         self,
-        loss: Tensor,
+        loss: Tensor | None,
         optimizer: torch.optim.Optimizer,
         params: list[nn.Parameter],
         grad_clip: float | None,
+        reduce: Callable[[], None] | None = None,
     ) -> None:
         """Backward, clip the gradient norm, and step; through the GradScaler for fp16.
 
         Args:
-            loss: the batch's loss.
+            loss: the batch's loss; None when this process has no batch but must still take
+                part in `reduce`.
             optimizer: steps the parameters.
             params: the trainable parameters, whose gradient norm is clipped.
             grad_clip: the norm to clip to (None or 0: no clipping).
+            reduce: sums the gradients over data-parallel processes, after backward and
+                before clipping.
         """
         optimizer.zero_grad(set_to_none=True)
+        if loss is not None:
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        if reduce is not None:
+            reduce()
         if self.scaler is None:
-            loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
             return
-        self.scaler.scale(loss).backward()
         if grad_clip:
             self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(params, grad_clip)

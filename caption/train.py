@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +27,29 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
-from caption.config import CONF_DIR, check_train_config, resolve_device
-from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
+from caption.config import CONF_DIR, check_group_overrides, check_train_config
+from caption.data.dataset import CaptionBatch, CaptionDataset, ImageBank, collate_captions
 from caption.data.features import FeatureBank
 from caption.data.formats import absolute_spec, check_images, read_dataset
-from caption.data.vocab import Vocabulary
+from caption.data.sampler import EpochSampler
+from caption.data.vocab import PAD_ID, Vocabulary
+from caption.distributed import (
+    Dist,
+    all_reduce_gradients,
+    all_reduce_sum,
+    any_rank,
+    average_buffers,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    shutdown,
+)
 from caption.errors import CaptionError, cli_guard
 from caption.inference import score_bank
+from caption.models.captioner import Captioner
+from caption.resume import StopSignals, capture_rng, restore_rng, resume_path, sync_metrics
 from caption.runtime import configure_cpu
 from caption.speed import Precision, compile_model, images_to_device, to_channels_last
 
@@ -106,20 +126,145 @@ def _absolute_data_paths(cfg: DictConfig) -> None:
             cfg.data[key] = absolute_spec(cfg.data[key])
 
 
+def _deterministic(on: bool) -> None:
+    """Make every op deterministic (or back to torch's defaults).
+
+    On the CPU training is deterministic already; this pins down the CUDA kernels that are not
+    (atomics in index/scatter backward, cuBLAS workspaces, cuDNN autotuning).
+    """
+    if on:
+        # cuBLAS reads this when its handle is made, so it must be set before the first matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+
+
+def _fresh_progress() -> dict[str, Any]:
+    """Where a run stands: finished epochs and steps, the position inside the next epoch and
+    its running sums, and early stopping's state."""
+    return {
+        "epoch": 0,
+        "step": 0,
+        "position": 0,  # samples of epoch `epoch + 1` already trained on (all ranks together)
+        "partial": _fresh_partial(),
+        "best_bleu4": -1.0,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+    }
+
+
+def _fresh_partial() -> dict[str, Any]:
+    return {
+        "sums": {"loss": 0.0, "nll": 0.0, "attention_reg": 0.0},
+        "batches": 0,
+        "images": 0,
+        "words": 0,
+        "seconds": 0.0,
+        "skipped": 0,
+    }
+
+
+def _restore(
+    ckpt: dict[str, Any],
+    path: Path,
+    dist: Dist,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    vocab: Vocabulary,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Load a checkpoint's training state into the run; return its progress.
+
+    The RNG states are not restored here: setting up the run draws random numbers, so the
+    caller restores them last (`_restore_rng`).
+    """
+    if ckpt["vocab"] != vocab.itos:
+        raise CaptionError(
+            f"resume: {path} was trained with another vocabulary; resume with the same "
+            "data, or start a new run dir"
+        )
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CaptionError(
+            f"resume: {path} does not fit this config's model or optimizer "
+            f"({str(e).strip().splitlines()[0][:160]}); resume with the config it was trained with"
+        ) from None
+    scheduler.load_state_dict(ckpt["scheduler"])
+    progress = {**_fresh_progress(), **ckpt["progress"]}
+    was = (progress.get("world_size", 1), progress.get("batch_size", batch_size))
+    if was != (dist.world_size, batch_size):
+        log.warning(
+            "resume: the checkpoint ran %d process(es) x batch %d, this run %d x %d: it continues "
+            "from the same sample, but not as the same computation",
+            *was,
+            dist.world_size,
+            batch_size,
+        )
+    log.info(
+        "resumed from %s at epoch %d, step %d (sample %d of epoch %d)",
+        path,
+        progress["epoch"],
+        progress["step"],
+        progress["position"],
+        progress["epoch"] + 1,
+    )
+    return progress
+
+
+def _restore_rng(ckpt: dict[str, Any], dist: Dist) -> None:
+    """This rank's generator states from the checkpoint (one entry per rank)."""
+    rng = ckpt.get("rng")
+    if isinstance(rng, torch.Tensor):  # format version 1: torch's CPU generator only
+        torch.set_rng_state(rng)
+        log.warning("resume: a version 1 checkpoint holds torch's RNG only; not an exact resume")
+    elif isinstance(rng, list) and rng:
+        restore_rng(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
+
+
+def _copy_metrics(ckpt_path: Path, run_dir: Path) -> None:
+    """Resuming another run into a new run dir: start from that run's metrics."""
+    source = ckpt_path.parent.parent / "metrics.jsonl"
+    target = run_dir / "metrics.jsonl"
+    fresh = ckpt_path.parent.name == "checkpoints" and not target.exists()
+    if fresh and source.is_file() and source.resolve() != target.resolve():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train a captioner as `cfg` says; return a summary of the run.
 
     Writes `<run_dir>/checkpoints/{last,best}.pt` and appends one JSON line per epoch to
-    `<run_dir>/metrics.jsonl`.
+    `<run_dir>/metrics.jsonl`. Under `torchrun` every process runs this; rank 0 writes.
     """
     check_train_config(cfg)
+    dist = init_distributed(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        _deterministic(cfg.trainer.deterministic)
+        return _train(cfg, dist)
+    finally:
+        _deterministic(was_deterministic)
+        shutdown(dist)
+
+
+def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
     configure_cpu()
-    device = resolve_device(cfg.trainer.device)
+    device = dist.device
     precision = Precision(cfg.trainer.precision, device)
-    run_dir = Path(cfg.run_dir)
+    if not dist.is_main:  # one copy of the log: rank 0's (warnings still come from all)
+        logging.getLogger().setLevel(logging.WARNING)
+    # Each rank's Hydra may have picked its own timestamped dir: rank 0's is the run's.
+    run_dir = Path(broadcast_object(dist, str(cfg.run_dir)))
     ckpt_dir = run_dir / "checkpoints"
     _absolute_data_paths(cfg)
     seed_everything(cfg.trainer.seed)
+    t = cfg.trainer
 
     d = cfg.data
     splits = read_dataset(d.annotations, d.images, d.format, d.splits_file)
@@ -134,9 +279,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg.model, len(vocab)).to(device)
     if cfg.trainer.channels_last:
         to_channels_last(model)
+    broadcast_module(dist, model)  # identical already (same seed); now certainly
     preload = d.preload and not d.feature_cache  # the cache replaces images in memory
-    train_bank = ImageBank(splits["train"], d.image_size, preload)
-    val_bank = ImageBank(splits["val"][: cfg.trainer.val_max_images], d.image_size, preload)
+    images = {"max_pixels": d.max_image_pixels, "strict": d.strict_images}
+    train_bank = ImageBank(splits["train"], d.image_size, preload, **images)
+    # Rank 0 validates; the others wait for its result.
+    val_records = splits["val"][: t.val_max_images] if dist.is_main else []
+    val_bank = ImageBank(val_records, d.image_size, preload, **images)
     if d.feature_cache:  # a frozen encoder's vectors, computed once: epochs run the decoder only
         cache = {
             "root": d.feature_cache_dir,
@@ -145,7 +294,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "num_workers": d.num_workers,
             "device": device,
         }
-        train_bank = FeatureBank.build(model.encoder, train_bank, **cache)
+        # Rank 0 builds each entry; the others wait, then read it.
+        if dist.is_main:
+            train_bank = FeatureBank.build(model.encoder, train_bank, **cache)
+        barrier(dist)
+        if not dist.is_main:
+            train_bank = FeatureBank.build(model.encoder, train_bank, **cache)
         val_bank = (
             FeatureBank.build(model.encoder, val_bank, **cache) if len(val_bank) else val_bank
         )
@@ -157,142 +311,195 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         len(val_bank),
         len(vocab),
     )
+    sampler = EpochSampler(len(train_set), t.seed, dist.rank, dist.world_size)
     loader = DataLoader(
         train_set,
         batch_size=cfg.data.batch_size,
-        shuffle=True,
+        sampler=sampler,
         collate_fn=collate_captions,
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,  # workers live across epochs
         pin_memory=device.type == "cuda",  # page-locked batches copy to the GPU asynchronously
-        generator=torch.Generator().manual_seed(cfg.trainer.seed),
+        # Its own generator: creating an epoch's iterator must not draw from the global one.
+        generator=torch.Generator().manual_seed(t.seed),
+        worker_init_fn=_ignore_stop_signals,
     )
+    step_samples = cfg.data.batch_size * dist.world_size  # one step, all ranks together
 
     optimizer, params = _optimizer(cfg, model)
-    total_steps = cfg.trainer.max_epochs * len(loader)
-    if cfg.trainer.max_steps:
-        total_steps = min(total_steps, cfg.trainer.max_steps)
+    total_steps = t.max_epochs * len(loader)
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
     n_params = sum(p.numel() for p in params)
-    log.info("model: %s trainable parameters, device %s", f"{n_params:,}", device)
+    log.info(
+        "model: %s trainable parameters, device %s, %d process(es)",
+        f"{n_params:,}",
+        device,
+        dist.world_size,
+    )
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    progress = {"epoch": 0, "step": 0, "best_bleu4": -1.0, "best_epoch": -1, "bad_epochs": 0}
-    if cfg.trainer.resume and (ckpt_dir / "last.pt").is_file():
-        ckpt = load_checkpoint(ckpt_dir / "last.pt", map_location=device)
-        if ckpt["vocab"] != vocab.itos:
-            raise CaptionError(
-                f"trainer.resume: {ckpt_dir / 'last.pt'} was trained with another "
-                "vocabulary; resume with the same data, or start a new run dir"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        progress = ckpt["progress"]
-        torch.set_rng_state(ckpt["rng"])
-        log.info(
-            "resumed from %s at epoch %d, step %d",
-            ckpt_dir / "last.pt",
-            progress["epoch"],
-            progress["step"],
+    progress = _fresh_progress()
+    if dist.enabled:  # the same init everywhere, but each rank its own dropout masks
+        torch.manual_seed(t.seed + dist.rank)
+    ckpt_path = resume_path(cfg.resume if cfg.resume else bool(t.resume), run_dir)
+    if ckpt_path is not None:
+        # Rank 0 reads the file (safely) and hands it on: other machines need no copy of it.
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu") if dist.is_main else None
+        ckpt = broadcast_object(dist, ckpt)
+        progress = _restore(
+            ckpt,
+            ckpt_path,
+            dist,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            vocab=vocab,
+            batch_size=cfg.data.batch_size,
+        )
+        if dist.is_main:
+            _copy_metrics(ckpt_path, run_dir)
+            sync_metrics(run_dir / "metrics.jsonl", progress["epoch"], ckpt.get("metrics"))
+        _restore_rng(ckpt, dist)  # last: everything above may draw random numbers
+        del ckpt
+    progress.update(world_size=dist.world_size, batch_size=cfg.data.batch_size)
+
+    def save(name: str, row: dict[str, Any] | None = None) -> None:
+        """Write a checkpoint of the run as it stands (every rank calls it: RNG is gathered)."""
+        rng = gather_objects(dist, capture_rng())
+        if not dist.is_main:
+            return
+        save_checkpoint(
+            ckpt_dir / name,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            config=config,
+            vocab=vocab.itos,
+            progress=progress,
+            rng=rng,
+            metrics=row,
         )
 
-    t = cfg.trainer
     if t.compile:  # after loading weights: compiling wraps methods, not the state dict
         compile_model(model)
     metrics_file = run_dir / "metrics.jsonl"
     run_dir.mkdir(parents=True, exist_ok=True)
     train_seconds, train_images, train_words = 0.0, 0, 0
-    stop = False
-    while progress["epoch"] < t.max_epochs and not stop:
-        epoch = progress["epoch"] + 1
-        if model.encoder.set_epoch(epoch):
-            log.info(
-                "encoder: training its top %d blocks from epoch %d",
-                model.encoder.trainable_top,
-                epoch,
-            )
-        model.train()
-        sums = {"loss": 0.0, "nll": 0.0, "attention_reg": 0.0}
-        n_batches, epoch_images, epoch_words, start = 0, 0, 0, time.perf_counter()
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch}",
-            disable=not t.progress,
-            leave=False,
-            mininterval=1.0,
-            unit="batch",
-        )
-        for images, captions, lengths in bar:
-            images = images_to_device(images, device, t.channels_last)
-            captions = captions.to(device, non_blocking=True)
-            with precision.autocast():
-                losses = model.loss(images, captions)
-            precision.step(losses.loss, optimizer, params, t.grad_clip)
-            scheduler.step()
-            for k in sums:
-                sums[k] += getattr(losses, k).item()
-            n_batches += 1
-            epoch_images += len(images)
-            epoch_words += int(lengths.sum()) - len(lengths)  # predicted words, <end> included
-            progress["step"] += 1
-            speed = epoch_images / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{losses.loss.item():.3f}", img_s=f"{speed:.0f}", refresh=False)
-            if t.max_steps and progress["step"] >= t.max_steps:
-                stop = True
-                break
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        train_images += epoch_images
-        train_words += epoch_words
-        progress["epoch"] = epoch
-
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": progress["step"],
-            **{f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()},
-            "images_per_sec": epoch_images / seconds,
-            "words_per_sec": epoch_words / seconds,
-            "epoch_seconds": seconds,
-        }
-        if len(val_bank):
-            val, _ = score_bank(model, val_bank, vocab, device=device, **t.val)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            improved = val["bleu4"] > progress["best_bleu4"]
-        else:  # no val split: the latest model is the best we know
-            improved = True
-        if improved:
-            progress.update(best_bleu4=row.get("val_bleu4", -1.0), best_epoch=epoch, bad_epochs=0)
-        else:
-            progress["bad_epochs"] += 1
-        with metrics_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    stop = progress["step"] >= (t.max_steps or math.inf)
+    with StopSignals() as signals:
         log.info(
-            "epoch %d step %d: loss %.4f, val BLEU-4 %s, %.0f images/s%s",
-            epoch,
+            "training from epoch %d, step %d (SIGTERM or Ctrl-C saves last.pt, then stops)",
+            progress["epoch"] + 1,
             progress["step"],
-            row["train_loss"],
-            f"{row['val_bleu4']:.4f}" if "val_bleu4" in row else "n/a",
-            row["images_per_sec"],
-            " (best)" if improved else "",
         )
+        while progress["epoch"] < t.max_epochs and not stop:
+            epoch = progress["epoch"] + 1
+            if model.encoder.set_epoch(epoch):
+                log.info(
+                    "encoder: training its top %d blocks from epoch %d",
+                    model.encoder.trainable_top,
+                    epoch,
+                )
+            model.train()
+            part = progress["partial"]
+            sampler.set_epoch(epoch, progress["position"])
+            start = time.perf_counter()
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch}",
+                disable=not t.progress or not dist.is_main,
+                leave=False,
+                mininterval=1.0,
+                unit="batch",
+            )
+            for batch in bar:
+                part["skipped"] += _report_skipped(batch.skipped, d.strict_images)
+                losses = _step(batch, model, optimizer, scheduler, params, dist, t, precision)
+                for k in part["sums"]:
+                    part["sums"][k] += losses[k]
+                part["batches"] += 1
+                part["images"] += len(batch.images)
+                # Predicted words, <end> included (a checkpoint of an older version has none).
+                part["words"] = part.get("words", 0) + int(batch.lengths.sum()) - len(batch.lengths)
+                progress["step"] += 1
+                progress["position"] = min(len(train_set), progress["position"] + step_samples)
+                speed = part["images"] / (part["seconds"] + time.perf_counter() - start)
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", img_s=f"{speed:.0f}", refresh=False)
+                if t.max_steps and progress["step"] >= t.max_steps:
+                    stop = True
+                    break
+                interrupted = any_rank(dist, signals.received is not None)
+                due = t.checkpoint_every and progress["step"] % t.checkpoint_every == 0
+                if interrupted or due:
+                    part["seconds"] += time.perf_counter() - start
+                    start = time.perf_counter()
+                    save("last.pt")
+                    log.info(
+                        "saved %s at step %d (epoch %d, sample %d of %d)",
+                        ckpt_dir / "last.pt",
+                        progress["step"],
+                        epoch,
+                        progress["position"],
+                        len(train_set),
+                    )
+                if interrupted:
+                    return _interrupted(signals.name, progress, run_dir, dist)
+            part["seconds"] += time.perf_counter() - start
+            train_seconds += part["seconds"]
+            train_images += part["images"]
+            train_words += part.get("words", 0)
+            skipped = all_reduce_sum(dist, torch.tensor([float(part["skipped"])]))
+            part["skipped"] = int(skipped.item())  # every rank's, for the log and metrics
+            if part["skipped"]:
+                log.warning("epoch %d: skipped %d unreadable image(s)", epoch, part["skipped"])
 
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "config": config,
-            "vocab": vocab.itos,
-            "progress": progress,
-            "rng": torch.get_rng_state(),
-            "metrics": row,
-        }
-        save_checkpoint(ckpt_dir / "last.pt", **state)
-        if improved:
-            save_checkpoint(ckpt_dir / "best.pt", **state)
-        if t.patience and progress["bad_epochs"] >= t.patience:
-            log.info("early stopping: no val BLEU-4 gain in %d epochs", t.patience)
-            stop = True
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "step": progress["step"],
+                **{f"train_{k}": v / max(part["batches"], 1) for k, v in part["sums"].items()},
+                "images_per_sec": part["images"] / max(part["seconds"], 1e-9),
+                "words_per_sec": part.get("words", 0) / max(part["seconds"], 1e-9),
+                "epoch_seconds": part["seconds"],
+                **({"skipped_images": part["skipped"]} if part["skipped"] else {}),
+            }
+            val = None
+            if dist.is_main and len(val_bank):
+                val, _ = score_bank(model, val_bank, vocab, device=device, **t.val)
+            val = broadcast_object(dist, val)
+            if val is not None:
+                row.update({f"val_{k}": v for k, v in val.items()})
+                improved = val["bleu4"] > progress["best_bleu4"]
+            else:  # no val split: the latest model is the best we know
+                improved = True
+            progress.update(epoch=epoch, position=0, partial=_fresh_partial())
+            if improved:
+                progress.update(
+                    best_bleu4=row.get("val_bleu4", -1.0), best_epoch=epoch, bad_epochs=0
+                )
+            else:
+                progress["bad_epochs"] += 1
+            log.info(
+                "epoch %d step %d: loss %.4f, val BLEU-4 %s, %.0f images/s%s",
+                epoch,
+                progress["step"],
+                row["train_loss"],
+                f"{row['val_bleu4']:.4f}" if "val_bleu4" in row else "n/a",
+                row["images_per_sec"],
+                " (best)" if improved else "",
+            )
+            # best before last, and both before the metrics row: a kill between any two leaves
+            # a last.pt to resume from that redoes (or, via sync_metrics, records) the rest.
+            if improved:
+                save("best.pt", row)
+            save("last.pt", row)
+            if dist.is_main:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if t.patience and progress["bad_epochs"] >= t.patience:
+                log.info("early stopping: no val BLEU-4 gain in %d epochs", t.patience)
+                stop = True
 
     summary = {
         "run_dir": str(run_dir),
@@ -304,17 +511,104 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "images_per_sec": train_images / train_seconds if train_seconds else 0.0,
         "words_per_sec": train_words / train_seconds if train_seconds else 0.0,
         "parameters": n_params,
+        "processes": dist.world_size,
         "overrides": _overrides(),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("done: %s", json.dumps(summary))
     return summary
 
 
+def _step(
+    batch: CaptionBatch,
+    model: Captioner,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.nn.Parameter],
+    dist: Dist,
+    trainer: DictConfig,
+    precision: Precision,
+) -> dict[str, float]:
+    """One optimizer step on this rank's batch, gradients summed over the ranks.
+
+    Returns:
+        The step's loss terms, of the combined batch of all ranks.
+    """
+    device = dist.device
+    images = images_to_device(batch.images, device, trainer.channels_last)
+    captions = batch.captions.to(device, non_blocking=True)
+    totals = None
+    if dist.enabled:  # divide by the job's words and images, so that grads sum to the total
+        words = (captions[:, 1:] != PAD_ID).sum() if len(captions) else 0
+        totals = all_reduce_sum(dist, torch.tensor([float(words), float(len(images))]))
+        totals = totals.to(device)
+    images_in_step = len(images) if totals is None else totals[1]  # all ranks together
+    if images_in_step == 0:
+        return dict.fromkeys(("loss", "nll", "attention_reg"), 0.0)  # no image read, no step
+    loss = None  # every image of this rank's batch was unreadable: it adds zeros, but takes part
+    values = torch.zeros(3, device=device)
+    if len(images):
+        with precision.autocast():
+            losses = model.loss(images, captions, totals=totals)
+        loss = losses.loss
+        values = torch.stack([losses.loss, losses.nll, losses.attention_reg]).detach().float()
+    precision.step(
+        loss,
+        optimizer,
+        params,
+        trainer.grad_clip,
+        reduce=lambda: all_reduce_gradients(dist, params),
+    )
+    scheduler.step()
+    average_buffers(dist, model)
+    values = all_reduce_sum(dist, values).tolist()
+    return dict(zip(("loss", "nll", "attention_reg"), values, strict=True))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which saves and then
+    shuts them down; a worker killed by Ctrl-C would break the batch being saved after."""
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _report_skipped(skipped: tuple[str, ...], strict: bool) -> int:
+    """Warn about each unreadable image of a batch, or stop on the first in strict mode."""
+    if skipped and strict:
+        raise CaptionError(
+            f"{skipped[0]}; data.strict_images=true stops at the first unreadable image "
+            "(false skips them)"
+        )
+    for reason in skipped:
+        log.warning("%s; skipped", reason)
+    return len(skipped)
+
+
+def _interrupted(name: str | None, progress: dict[str, Any], run_dir: Path, dist: Dist) -> dict:
+    """The summary of a run stopped by a signal after saving its state."""
+    log.warning(
+        "%s: stopped at step %d after saving; continue with caption-train resume=%s",
+        name,
+        progress["step"],
+        run_dir,
+    )
+    return {"run_dir": str(run_dir), "steps": progress["step"], "interrupted": name}
+
+
+@cli_guard
+def main() -> None:
+    """`caption-train`: unknown config-group options are refused in one line, then Hydra."""
+    check_group_overrides(sys.argv[1:])
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @cli_guard
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     summary = train(cfg)
+    if summary.get("interrupted"):  # saved; exit as the signal would have, 128 + its number
+        sys.exit(128 + signal.Signals[summary["interrupted"]].value)
     return summary["best_val_bleu4"]  # what a Hydra sweeper would optimise
 
 

@@ -98,7 +98,18 @@ def test_reader_defaults_images_to_json_folder(tmp_path: Path) -> None:
     [
         ("{not json", "not valid JSON"),
         ('{"pictures": []}', "not a Karpathy split file"),
-        ('{"images": [{"split": "train", "sentences": []}]}', "image #0 is malformed"),
+        (
+            '{"images": [{"split": "train", "sentences": []}]}',
+            "image #0: field 'filename' is missing",
+        ),
+        (
+            '{"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"tokens": []}]}]}',
+            r"image #0 \(a.jpg\): field 'sentences\[0\].tokens/raw' is missing",
+        ),
+        (
+            '{"images": [{"filename": "a.jpg", "split": "train", "sentences": {"raw": "x"}}]}',
+            r"image #0 \(a.jpg\): field 'sentences' is malformed",
+        ),
         ('{"images": [{"filename": "x.jpg", "split": "dev", "sentences": []}]}', "unknown split"),
     ],
 )

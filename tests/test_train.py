@@ -11,9 +11,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from caption.checkpoint import load_captioner, load_checkpoint, save_checkpoint
+from caption.config import check_group_overrides
 from caption.errors import CaptionError
 from caption.train import train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run
 
 
 def test_compose_default_and_overrides(tmp_path: Path) -> None:
@@ -57,6 +58,10 @@ def test_unknown_option_is_refused(override: str) -> None:
         ),
         ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
         ("trainer.device=tpu9", "not a torch device"),
+        ("trainer.checkpoint_every=0", "trainer.checkpoint_every must be an integer >= 1"),
+        ("trainer.deterministic=sometimes", "trainer.deterministic must be true or false"),
+        ("data.strict_images=1", "data.strict_images must be true or false"),
+        ("data.max_image_pixels=-5", "data.max_image_pixels must be an integer >= 1"),
     ],
 )
 def test_bad_values_fail_with_one_line(train_cfg: DictConfig, override: str, message: str) -> None:
@@ -164,3 +169,30 @@ def test_encoder_top_blocks_train_from_their_epoch_with_their_lr(train_cfg: Dict
     changed = {k for k in backbone if not torch.equal(first["model"][k], second["model"][k])}
     assert changed, "the top block did not train in epoch 2"
     assert len(changed) < len(backbone)  # the lower blocks stayed frozen
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model/attention=foo"], "model/attention=foo is not an option of model/attention; "),
+        (["-m", "model/score=dot,cosine"], "valid: additive, dot, general, scaled_dot"),
+        (["model/encoder=resnet9000"], "model/encoder=resnet9000 is not an option"),
+    ],
+)
+def test_unknown_group_options_get_one_line_with_the_valid_ones(
+    args: list[str], message: str
+) -> None:
+    with pytest.raises(CaptionError, match=message) as e:
+        check_group_overrides(args)
+    assert "\n" not in str(e.value)
+    check_group_overrides(["model/attention=hard", "model/score=dot,general", "x.y=1"])
+
+
+@pytest.mark.cli
+def test_caption_train_refuses_an_unknown_attention_in_one_line() -> None:
+    proc = run("caption-train", "model/attention=fancy", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: config: model/attention=fancy is not an option of model/attention; "
+        "valid: hard, local, local_monotonic, soft"
+    )

@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
-from caption.data.images import load_image
+from caption.data.images import MAX_PIXELS, load_image
 from caption.data.karpathy import ImageRecord
 from caption.data.vocab import PAD_ID, Vocabulary
 from caption.errors import CaptionError
@@ -24,12 +24,16 @@ class ImageBank:
 
     Preloading reads every file once, reports each bad one and drops it, so that a corrupt file
     costs one warning, not the run. The shapes set (64 px) fits in memory many times over.
+    Read lazily, a bad file raises `CaptionError` when it is indexed (`CaptionDataset` turns
+    that into a skipped item).
 
     Args:
         records: the images to serve.
         image_size: the square side the model sees.
         preload: read every image into memory now.
         workers: threads for preloading; PIL decoding releases the GIL.
+        max_pixels: refuse images larger than this (see `caption.data.images.read_rgb`).
+        strict: stop at the first unreadable image instead of skipping it.
     """
 
     def __init__(
@@ -38,8 +42,10 @@ class ImageBank:
         image_size: int,
         preload: bool = True,
         workers: int = 4,
+        max_pixels: int | None = MAX_PIXELS,
+        strict: bool = False,
     ) -> None:
-        self.image_size = image_size
+        self.image_size, self.max_pixels, self.strict = image_size, max_pixels, strict
         self.pixels: torch.Tensor | None = None
         if preload:
             with ThreadPoolExecutor(workers) as pool:
@@ -56,14 +62,26 @@ class ImageBank:
             )
         else:
             missing = [r for r in records if not r.path.is_file()]
+            if missing and strict:
+                raise CaptionError(
+                    f"{missing[0].path}: no such image file; data.strict_images=true stops "
+                    "at the first unreadable image (false skips them)"
+                )
             for r in missing:
                 log.warning("%s: no such image file; skipped", r.path)
+            if missing:
+                log.warning("skipped %d missing image(s) of %d", len(missing), len(records))
             self.records = [r for r in records if r.path.is_file()]
 
     def _try_load(self, record: ImageRecord) -> torch.Tensor | None:
         try:
-            return load_image(record.path, self.image_size)
+            return load_image(record.path, self.image_size, self.max_pixels)
         except CaptionError as e:
+            if self.strict:
+                raise CaptionError(
+                    f"{e}; data.strict_images=true stops at the first unreadable image "
+                    "(false skips them)"
+                ) from None
             log.warning("%s; skipped", e)
             return None
 
@@ -73,7 +91,7 @@ class ImageBank:
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.pixels is not None:
             return self.pixels[i]
-        return load_image(self.records[i].path, self.image_size)
+        return load_image(self.records[i].path, self.image_size, self.max_pixels)
 
     def batch(self, ids: torch.Tensor) -> torch.Tensor:
         """Images `ids` as one (B, 3, S, S) tensor: a single gather when preloaded."""
@@ -86,6 +104,7 @@ class CaptionBatch(NamedTuple):
     images: torch.Tensor  # (B, 3, S, S) uint8
     captions: torch.Tensor  # (B, T) <start> w_1 .. w_n <end> <pad>...
     lengths: torch.Tensor  # (B,) tokens including <start> and <end>
+    skipped: tuple[str, ...] = ()  # why each unreadable item of the batch was left out
 
 
 class CaptionDataset(Dataset):
@@ -116,13 +135,24 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor] | CaptionError:
         i, ids = self.pairs[k]
-        return self.bank[i], ids
+        try:
+            return self.bank[i], ids
+        except CaptionError as e:
+            # Returned, not raised: a DataLoader worker would wrap it in a traceback, and the
+            # training loop decides (skip and count, or stop in strict mode).
+            return e
 
     def __getitems__(self, keys: list[int]) -> CaptionBatch:
         """A whole batch at once (the DataLoader calls this when it exists): what
-        `collate_captions` would make of the items, without per-item Python work."""
+        `collate_captions` would make of the items, without per-item Python work.
+
+        Read lazily, images are loaded one by one, so that an unreadable one is skipped and
+        counted (see `__getitem__`) rather than failing the batch.
+        """
+        if self.bank.pixels is None:
+            return collate_captions([self[k] for k in keys])
         k = torch.as_tensor(keys, dtype=torch.long)
         lengths = self.lengths[k]
         captions = self.captions[k, : int(lengths.max())]  # right-padded to the longest
@@ -130,18 +160,32 @@ class CaptionDataset(Dataset):
 
 
 def collate_captions(
-    batch: list[tuple[torch.Tensor, torch.Tensor]] | CaptionBatch,
+    batch: list[tuple[torch.Tensor, torch.Tensor] | CaptionError] | CaptionBatch,
 ) -> CaptionBatch:
     """Stack images and right-pad captions with `<pad>` to the longest in the batch.
 
-    A `CaptionBatch` (from `CaptionDataset.__getitems__`) is already collated: it passes through.
+    A `CaptionBatch` (from `CaptionDataset.__getitems__`) is already collated: it passes
+    through. Items that failed to load are left out and their errors listed in `skipped`; a
+    batch may therefore be empty.
     """
     if isinstance(batch, CaptionBatch):
         return batch
-    images, captions = zip(*batch, strict=True)
+    skipped = tuple(str(x) for x in batch if isinstance(x, CaptionError))
+    good = [x for x in batch if not isinstance(x, CaptionError)]
+    if not good:
+        return CaptionBatch(
+            torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+            torch.empty(0, 0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+            skipped,
+        )
+    images, captions = zip(*good, strict=True)
     lengths = torch.tensor([len(c) for c in captions])
     return CaptionBatch(
-        torch.stack(images), pad_sequence(captions, batch_first=True, padding_value=PAD_ID), lengths
+        torch.stack(images),
+        pad_sequence(captions, batch_first=True, padding_value=PAD_ID),
+        lengths,
+        skipped,
     )
 
 

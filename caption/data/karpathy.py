@@ -79,28 +79,44 @@ def read_karpathy(
         )
     splits: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     for n, img in enumerate(doc["images"]):
+        name = img.get("filename") if isinstance(img, dict) else None
+        field = "the image entry"  # which field is being read, for the error message
         try:
+            if not isinstance(img, dict):
+                raise TypeError(f"expected an object, got {type(img).__name__}")
+            field = "split"
             split = "train" if img["split"] == "restval" else img["split"]
-            captions = [
-                s["tokens"] if s.get("tokens") else tokenize(s["raw"]) for s in img["sentences"]
-            ]
+            field = "sentences"
+            sentences = img["sentences"]
+            if not isinstance(sentences, list):
+                raise TypeError(f"expected a list, got {type(sentences).__name__}")
+            captions = []
+            for k, s in enumerate(sentences):
+                field = f"sentences[{k}].tokens/raw"
+                captions.append(s["tokens"] if s.get("tokens") else tokenize(s["raw"]))
+            field = "filename"
+            path = root / img.get("filepath", "") / img["filename"]
+            groundings = []
+            for k, s in enumerate(sentences):
+                field = f"sentences[{k}].groundings"
+                groundings.append({int(a): int(b) for a, b in s.get("groundings", {}).items()})
+            field = "imgid/width/height"
             record = ImageRecord(
                 imgid=int(img.get("imgid", n)),
-                path=root / img.get("filepath", "") / img["filename"],
+                path=path,
                 split=split,
                 captions=captions,
                 objects=img.get("objects", []),
-                groundings=[
-                    {int(k): int(v) for k, v in s.get("groundings", {}).items()}
-                    for s in img["sentences"]
-                ],
+                groundings=groundings,
                 width=int(img["width"]) if img.get("width") else None,
                 height=int(img["height"]) if img.get("height") else None,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = "is missing" if isinstance(e, KeyError) else f"is malformed ({e})"
             raise CaptionError(
-                f"data.annotations: {annotations}: image #{n} is malformed "
-                f"({type(e).__name__}: {e}); each image needs 'filename', 'split' "
+                f"data.annotations: {annotations}: image #{n}"
+                + (f" ({name})" if name else "")
+                + f": field '{field}' {what}; each image needs 'filename', 'split' "
                 "and 'sentences' with 'tokens' or 'raw'"
             ) from None
         if split not in splits:

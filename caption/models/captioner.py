@@ -97,7 +97,13 @@ class Captioner(nn.Module):
         """Teacher-forced logits (B, T-1, V), alphas (B, T-1, L) and what the attention chose."""
         return self.decoder(self.encode(images), captions, locations)
 
-    def loss(self, images: Tensor, captions: Tensor, locations: Tensor | None = None) -> Losses:
+    def loss(
+        self,
+        images: Tensor,
+        captions: Tensor,
+        locations: Tensor | None = None,
+        totals: Tensor | None = None,
+    ) -> Losses:
         """Masked word NLL, the doubly stochastic penalty and, for hard attention, the
         surrogate whose gradient is the Monte Carlo estimator of ∂L_s/∂W (Xu et al. eq. 12).
 
@@ -109,6 +115,9 @@ class Captioner(nn.Module):
             images: (B, 3, S, S).
             captions: (B, T) `<start> .. <end> <pad>..`.
             locations: (B, T-1) cells to force, for hard attention (tests use it to enumerate).
+            totals: (2,) the words and images of the whole data-parallel step, all ranks
+                together, to divide by instead of this batch's own: then the sum of the ranks'
+                gradients is the gradient of their combined batch. None: this batch alone.
         """
         annotations = self.encode(images)
         attention = self.decoder.attention
@@ -119,7 +128,7 @@ class Captioner(nn.Module):
         # Packed: only real words are decoded and scored, so padding cannot count.
         out = self.decoder.packed(annotations, captions, locations)
         B, L = annotations.shape[:2]
-        n_words = len(out.targets)
+        n_words = len(out.targets) if totals is None else totals[0]
         token_nll = F.cross_entropy(out.logits, out.targets, reduction="none")  # (N,)
         nll = token_nll.sum() / n_words
 
@@ -128,7 +137,9 @@ class Captioner(nn.Module):
 
         # Σ_t α_ti over the real steps: each location should be looked at about once.
         mass = per_caption(out.alphas)  # (B, L)
-        reg = ((1.0 - mass) ** 2).sum(dim=1).mean()
+        reg = ((1.0 - mass) ** 2).sum(dim=1)  # (B,)
+        # Per image: the job's images times the N samples each image was repeated into.
+        reg = reg.mean() if totals is None else reg.sum() / (totals[1] * len(reg) / len(images))
         loss = nll + self.doubly_stochastic * reg
         if hard:
             reward = -per_caption(token_nll).detach()  # (B,) R = log p(y | s̃, a)
