@@ -151,7 +151,7 @@ class CaptionDataset(Dataset):
         Read lazily, images are loaded one by one, so that an unreadable one is skipped and
         counted (see `__getitem__`) rather than failing the batch.
         """
-        if self.bank.pixels is None:
+        if isinstance(self.bank, ImageBank) and self.bank.pixels is None:
             return collate_captions([self[k] for k in keys])
         k = torch.as_tensor(keys, dtype=torch.long)
         lengths = self.lengths[k]
