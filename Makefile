@@ -58,6 +58,7 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/feature_cache.py
+	$(BIN)/python bench/allocator.py --repeats 2 --steps 3
 
 # The report of 1,000 test images and POST /caption latency, with `make demo`'s model.
 bench-web: $(STAMP) chromium
