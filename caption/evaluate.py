@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR, check_choice, check_decoding, resolve_device
 from caption.data.dataset import ImageBank
-from caption.data.formats import check_images, read_dataset
+from caption.data.formats import check_images, read_split
 from caption.data.karpathy import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
 from caption.errors import CaptionError, cli_guard
@@ -45,17 +45,7 @@ def _records(cfg: DictConfig, train_data: DictConfig | None) -> list[ImageRecord
             "results: name the dataset to score against with data=<shapes|"
             "flickr8k|flickr30k|coco> or annotations=<file>"
         )
-    records = read_dataset(
-        source["annotations"],
-        source.get("images"),
-        source.get("format", "karpathy"),
-        source.get("splits_file"),
-    )[cfg.split]
-    if not records:
-        raise CaptionError(
-            f"split: {source['annotations']} has no {cfg.split!r} images; pick another split="
-        )
-    return records
+    return read_split(source, cfg.split, "karpathy")
 
 
 def load_results(path: str | Path, records: list[ImageRecord]) -> list[list[str]]:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR, check_choice, check_decoding, check_int, resolve_device
-from caption.data.formats import read_dataset
+from caption.data.formats import read_split
 from caption.data.images import expand_images
 from caption.data.karpathy import SPLITS
 from caption.data.vocab import Vocabulary
@@ -348,16 +348,7 @@ def _inputs(cfg: DictConfig, train_data: DictConfig) -> tuple[list[Path], dict[P
             source: Any = {"annotations": cfg.annotations, "images": cfg.image_root}
         else:
             source = train_data
-        records = read_dataset(
-            source["annotations"],
-            source.get("images"),
-            source.get("format", "auto"),
-            source.get("splits_file"),
-        )[cfg.split]
-        if not records:
-            raise CaptionError(
-                f"split: {source['annotations']} has no {cfg.split!r} images; pick another split="
-            )
+        records = read_split(source, cfg.split, "auto")
         files = [r.path for r in records]
         references = {r.path: r.captions for r in records}
     check_int(cfg, "max_images", 1, optional=True)

@@ -104,6 +104,28 @@ def read_dataset(
     )
 
 
+def read_split(source: Any, split: str, default_format: str = "auto") -> list[ImageRecord]:
+    """The records of one split of a dataset config, refusing an empty split in one line.
+
+    Args:
+        source: a mapping with `annotations`, and optionally `images`, `format` and
+            `splits_file`, like the `data` config group.
+        split: `train`, `val` or `test`.
+        default_format: the format when `source` names none.
+    """
+    records = read_dataset(
+        source["annotations"],
+        source.get("images"),
+        source.get("format", default_format),
+        source.get("splits_file"),
+    )[split]
+    if not records:
+        raise CaptionError(
+            f"split: {source['annotations']} has no {split!r} images; pick another split="
+        )
+    return records
+
+
 def detect_format(annotations: str | Path) -> str:
     """Tell the layout of `annotations`: `karpathy`, `flickr8k` or `coco`.
 
