@@ -255,16 +255,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
     configure_cpu()
+    t = cfg.trainer
     device = dist.device
-    precision = Precision(cfg.trainer.precision, device)
+    precision = Precision(t.precision, device)
     if not dist.is_main:  # one copy of the log: rank 0's (warnings still come from all)
         logging.getLogger().setLevel(logging.WARNING)
     # Each rank's Hydra may have picked its own timestamped dir: rank 0's is the run's.
     run_dir = Path(broadcast_object(dist, str(cfg.run_dir)))
     ckpt_dir = run_dir / "checkpoints"
     _absolute_data_paths(cfg)
-    seed_everything(cfg.trainer.seed)
-    t = cfg.trainer
+    seed_everything(t.seed)
 
     d = cfg.data
     splits = read_dataset(d.annotations, d.images, d.format, d.splits_file)
@@ -277,7 +277,7 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
         max_size=cfg.data.vocab_size,
     )
     model = build_model(cfg.model, len(vocab)).to(device)
-    if cfg.trainer.channels_last:
+    if t.channels_last:
         to_channels_last(model)
     broadcast_module(dist, model)  # identical already (same seed); now certainly
     preload = d.preload and not d.feature_cache  # the cache replaces images in memory

@@ -94,10 +94,13 @@ class ImageBank:
         return load_image(self.records[i].path, self.image_size, self.max_pixels)
 
     def batch(self, ids: torch.Tensor) -> torch.Tensor:
-        """Images `ids` as one (B, 3, S, S) tensor: a single gather when preloaded."""
-        if self.pixels is not None:
-            return self.pixels[ids]
-        return torch.stack([self[i] for i in ids.tolist()])
+        """Images `ids` of a preloaded bank as one (B, 3, S, S) tensor, in a single gather.
+
+        A lazily read bank has no such path: its images are loaded (and may fail) one by one,
+        see `CaptionDataset.__getitems__`.
+        """
+        assert self.pixels is not None, "ImageBank.batch needs a preloaded bank"
+        return self.pixels[ids]
 
 
 class CaptionBatch(NamedTuple):
