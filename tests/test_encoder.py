@@ -92,6 +92,32 @@ def test_small_cnn_trains_end_to_end() -> None:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("fine_tune", [True, False])
+def test_inference_folds_batchnorm_into_the_conv(fine_tune: bool) -> None:
+    """Without gradients, conv → eval BatchNorm runs as one conv: same annotations."""
+    torch.manual_seed(0)
+    enc = Encoder(fine_tune=fine_tune)
+    for bn in bn_layers(enc):  # running statistics and affine terms far from the identity
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        nn.init.uniform_(bn.weight, 0.5, 2)
+        nn.init.uniform_(bn.bias, -1, 1)
+    enc.eval()
+    images = torch.rand(3, 3, 64, 64)
+    unfolded = enc(images)  # gradients on: BatchNorm runs as its own layer
+    calls = []
+    for bn in bn_layers(enc):
+        bn.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        folded = enc(images)
+    assert calls == []  # every BatchNorm was folded away
+    torch.testing.assert_close(folded, unfolded, atol=1e-5, rtol=1e-4)
+    enc.train()
+    with torch.no_grad():
+        enc(images)  # training mode normalises with batch statistics: nothing to fold
+    assert len(calls) == (len(bn_layers(enc)) if fine_tune else 0)
+
+
 def test_small_cnn_widths_and_hydra_listconfig() -> None:
     hydra_utils = pytest.importorskip("hydra.utils")
     cfg = {"_target_": "caption.models.encoder.Encoder", "channels": [8, 16]}

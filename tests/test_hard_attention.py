@@ -91,7 +91,10 @@ def test_monte_carlo_gradient_matches_the_exact_lower_bound_gradient() -> None:
     est = estimates(model, image, caption, k=150, m=64)
     mean, stderr = est.mean(0), est.std(0) / est.shape[0] ** 0.5
     random = stderr > 1e-9  # parameters the sampled location actually reaches
-    z = (mean - exact)[random] / stderr[random]
+    # Float rounding of the 256-path sum: v_a's bias has an exact gradient of 0 (a softmax
+    # ignores shifts), yet comes out at ~4e-7 with a spread of only ~2e-9 across estimates.
+    rounding = 1e-6
+    z = ((mean - exact).abs() - rounding).clamp(min=0)[random] / stderr[random]
     assert random.sum() > 50
     assert z.abs().max() < 5.0, z.abs().max()
     assert (z**2).mean() < 2.0  # ~1 for an unbiased estimator

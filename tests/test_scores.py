@@ -105,6 +105,42 @@ def test_general_is_bilinear_einsum(H: int, D: int) -> None:
     assert torch.allclose(e, torch.einsum("bh,hd,bld->bl", h, W, a), atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_additive_is_the_mlp_formula(activation: str, grad: bool) -> None:
+    """v_aᵀ act(W_a a_i + U_a h) + b_v, whether computed in one piece (training) or in chunks
+    of cache-sized rows (inference), and through 2σ(2x) − 1 for tanh."""
+    score = make_score("additive", 12, D)
+    score.activation, score.scale = activation, 2.0 if activation == "tanh" else 1.0
+    h, a = inputs(12, D)
+    W, U, v = score.key_proj, score.query_proj, score.v
+    act = torch.tanh if activation == "tanh" else torch.relu
+    expected = v(act(W(a) + U(h).unsqueeze(1))).squeeze(-1)  # (B, L)
+    with torch.set_grad_enabled(grad):
+        e = score(h, score.keys(a))
+    torch.testing.assert_close(e, expected, atol=1e-6, rtol=1e-5)
+    assert e.requires_grad == grad
+
+
+@pytest.mark.parametrize("name", SCORES)
+def test_queries_grouped_by_image_share_its_keys(name: str, monkeypatch) -> None:
+    """K consecutive queries per image (beam search's hypotheses) score against that image's
+    keys, computed once: the same scores as keys repeated K times, also when inference splits
+    the batch into chunks (here of one image)."""
+    import caption.models.scores as scores
+
+    monkeypatch.setattr(scores, "CHUNK_ELEMENTS", 1)
+    score = make_score(name, 12, D)
+    K = 4
+    g = torch.Generator().manual_seed(3)
+    h, a = torch.randn(B * K, 12, generator=g), torch.randn(B, L, D, generator=g)
+    with torch.no_grad():
+        grouped = score(h, score.keys(a))  # (B*K, L)
+        repeated = score(h, score.keys(a.repeat_interleave(K, dim=0)))
+    assert grouped.shape == (B * K, L)
+    torch.testing.assert_close(grouped, repeated, atol=1e-6, rtol=1e-5)
+
+
 def random_batch(B: int = 3, T: int = 6, seed: int = 0) -> tuple[Tensor, Tensor]:
     """uint8 images (B, 3, 64, 64) and `<start>` ... `<end>` `<pad>`... captions (B, T)."""
     g = torch.Generator().manual_seed(seed)

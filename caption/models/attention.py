@@ -1,7 +1,9 @@
 """Attention weightings φ over annotation vectors.
 
 Every attention takes a query h (B, H) and annotations a (B, L, D) and returns weights
-α (B, L) and a context ẑ (B, D). The score function f_att is a separate module
+α (B, L) and a context ẑ (B, D). The query may also hold K consecutive rows per image, (B·K, H),
+as beam search's K hypotheses do: they share the image's annotations and `prepare`d memory,
+and α and ẑ then have B·K rows. The score function f_att is a separate module
 (`caption.models.scores`), so that each variant is a Hydra config-group swap
 (`model/score=...`, `model/attention=...`).
 """
@@ -26,6 +28,12 @@ class AttentionOutput(NamedTuple):
     position: Tensor | None = None
 
 
+def expectation(alpha: Tensor, annotations: Tensor) -> Tensor:
+    """Σ_i α_i a_i (B·K, D) for weights α (B·K, L), each image's K rows over its a (B, L, D)."""
+    B, L, D = annotations.shape
+    return torch.bmm(alpha.view(B, -1, L), annotations).view(-1, D)  # (B, K, L) @ (B, L, D)
+
+
 class SoftAttention(nn.Module):
     """Deterministic soft attention: ẑ = Σ_i α_i a_i, the expectation of the context.
 
@@ -45,9 +53,12 @@ class SoftAttention(nn.Module):
         """Per-sequence memory, computed once per image: the step-independent part of the score."""
         return self.score.keys(annotations)
 
-    def narrow(self, memory: Tensor, n: int) -> Tensor:
-        """The memory of the first `n` sequences, when the rest have ended (a view, no copy)."""
-        return memory[:n]
+    def select(self, memory: Tensor, index: slice | Tensor) -> Tensor:
+        """The memory of the sequences `index` picks, when the rest have ended.
+
+        A slice (the packed prefix of captions still going) gives a view, no copy.
+        """
+        return memory[index]
 
     def forward(
         self, query: Tensor, annotations: Tensor, memory: Tensor, location: Tensor | None = None
@@ -63,7 +74,7 @@ class SoftAttention(nn.Module):
         if location is not None:
             raise ValueError("soft attention has no location to force")
         alpha = self.score(query, memory).softmax(dim=-1)  # (B, L)
-        context = torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)  # (B, 1, L) @ (B, L, D)
+        context = expectation(alpha, annotations)  # (B, D)
         return AttentionOutput(context, alpha, alpha.argmax(dim=-1))
 
 
@@ -150,10 +161,10 @@ class HardAttention(SoftAttention):
         expect = torch.rand(flips, device=annotations.device) < self.expectation_prob
         return HardMemory(keys, expect.expand(B))
 
-    def narrow(self, memory: HardMemory, n: int) -> HardMemory:
-        """The memory of the first `n` sequences: their keys and their coins."""
-        expect = memory.expect[:n] if memory.expect is not None else None
-        return HardMemory(memory.keys[:n], expect)
+    def select(self, memory: HardMemory, index: slice | Tensor) -> HardMemory:
+        """The memory of the sequences `index` picks: their keys and their coins."""
+        expect = memory.expect[index] if memory.expect is not None else None
+        return HardMemory(memory.keys[index], expect)
 
     def forward(
         self, query: Tensor, annotations: Tensor, memory: HardMemory, location: Tensor | None = None
@@ -167,12 +178,13 @@ class HardAttention(SoftAttention):
             location: (B,) force these cells (for exact enumeration of L_s in tests).
         """
         B, L, D = annotations.shape
-        logits = self.score(query, memory.keys)  # (B, L)
+        K = len(query) // B  # queries per image
+        logits = self.score(query, memory.keys)  # (B·K, L)
         alpha = logits.softmax(dim=-1)
         log_alpha = logits.log_softmax(dim=-1)
         mode = "sample" if self.training else self.decode
         expect = (
-            memory.expect if memory.expect is not None else alpha.new_zeros(B, dtype=torch.bool)
+            memory.expect if memory.expect is not None else alpha.new_zeros(B * K, dtype=torch.bool)
         )
         if mode == "expectation":
             expect = torch.ones_like(expect)
@@ -181,8 +193,9 @@ class HardAttention(SoftAttention):
                 location = torch.multinomial(alpha.detach(), 1).squeeze(1)  # s_t ~ Multinoulli(α_t)
             else:
                 location = alpha.argmax(dim=-1)
-        expected = torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)  # (B, D) Σ_i α_i a_i
-        sampled = annotations[torch.arange(B, device=annotations.device), location]  # (B, D) a_s
+        expected = expectation(alpha, annotations)  # (B·K, D) Σ_i α_i a_i
+        image = torch.arange(B * K, device=annotations.device) // K  # each query's image
+        sampled = annotations[image, location]  # (B·K, D) a_s
         context = torch.where(expect.unsqueeze(1), expected, sampled)
         # Only sampled cells take part in the REINFORCE term.
         log_prob = log_alpha.gather(1, location.unsqueeze(1)).squeeze(1).masked_fill(expect, 0.0)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import HardAttention
-from caption.models.decoder import Decoder, DecoderOutput
+from caption.models.decoder import Decoder, DecoderOutput, DecoderStep
 from caption.models.self_attention import AnnotationSelfAttention
 
 STRATEGIES = ("greedy", "beam", "sample")
@@ -230,74 +230,176 @@ class Captioner(nn.Module):
     def _beam(
         self, annotations: Tensor, K: int, max_len: int, length_penalty: float
     ) -> tuple[Tensor, ...]:
-        """Beam search over all images at once: B*K hypotheses advance as one batch.
+        """Beam search over all images at once: the K hypotheses of every image still being
+        searched advance as one batch.
 
         Finished hypotheses stay in the beam, extended by `<pad>` at no cost, so they compete
-        with live ones on their summed log-probability. If no hypothesis of an image reaches
-        `<end>` within `max_len`, its best unfinished one is returned.
+        with live ones on their summed log-probability. An image leaves the batch as soon as
+        its result is settled: when all its hypotheses have finished, or, without a length
+        penalty, when its best finished hypothesis scores above every live one (a live score
+        only falls as words are added, so nothing can overtake it). The result is the one a
+        search run to the end would return, at the cost of the words decoded. If no hypothesis
+        of an image reaches `<end>` within `max_len`, its best unfinished one is returned.
         """
         B, L, D = annotations.shape
         dec = self.decoder
         device = annotations.device
-        a = annotations.repeat_interleave(K, dim=0)  # (B*K, L, D): image b's beams are rows bK..
+        # Image b's K hypotheses are rows bK..bK+K-1 of the decoder state; they share the
+        # image's annotations and attention memory, which are not copied K times.
+        a = annotations  # (n, L, D) of the n images still being searched
         memory = dec.attention.prepare(a)
-        state = dec.init_state(a)
+        state = dec.init_state(a)  # (B, H): one hypothesis per image, then K
         recurrent = dec.recurrent_weight()
-        y = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
-        scores = annotations.new_zeros(B, K)
-        scores[:, 1:] = float("-inf")  # all beams start equal: keep one, or topk picks K copies
-        done = torch.zeros(B, K, dtype=torch.bool, device=device)
-        # Per-hypothesis histories (B, K, t, ...), reordered by parent beam at every step.
-        tokens = torch.empty(B, K, 0, dtype=torch.long, device=device)
-        locations = torch.empty(B, K, 0, dtype=torch.long, device=device)
-        alphas = annotations.new_empty(B, K, 0, L)
-        betas = annotations.new_empty(B, K, 0)
-        positions = None  # (B, K, t, 2), for attentions that report a window centre
-        offsets = torch.arange(B, device=device).unsqueeze(1) * K  # (B, 1) row of beam 0
-        for _ in range(max_len):
+        # The search starts from one hypothesis per image, `<start>`, whose K best next words
+        # seed the K beams: the first step is not run K times over.
+        y = torch.full((B,), START_ID, dtype=torch.long, device=device)
+        scores = annotations.new_zeros(B, 1)
+        done = torch.zeros(B, 1, dtype=torch.bool, device=device)
+        images = torch.arange(B, device=device)  # the input index of each image still searched
+        # Per-hypothesis histories (n, K, t, ...) of the n images still searched, reordered by
+        # parent beam at every step; `positions` only for attentions that report a window.
+        history = _BeamHistory.empty(annotations)
+        settled: list[tuple[Tensor, tuple[Tensor, ...]]] = []  # (images, their results)
+        for t in range(max_len):
+            n = len(images)
             step = dec.step(y, state, a, memory, recurrent)
-            logp = _no_specials(step.logits).log_softmax(-1).view(B, K, -1)  # log-probs, not logits
-            V = logp.shape[-1]
+            logp = _no_specials(step.logits).log_softmax(-1).view(n, len(y) // n, -1)  # log-probs
+            k, V = logp.shape[1:]  # hypotheses per image: 1 at the first step, then K
             # A finished hypothesis has one continuation, <pad>, which costs nothing.
             pad_only = torch.full_like(logp[0, 0], float("-inf"))
             pad_only[PAD_ID] = 0.0
             logp = torch.where(done.unsqueeze(-1), pad_only, logp)
-            scores, idx = (scores.unsqueeze(-1) + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
+            scores, idx = (scores.unsqueeze(-1) + logp).view(n, k * V).topk(K, dim=-1)  # (n, K)
             parent = torch.div(idx, V, rounding_mode="floor")  # integer division of indices
             word = idx % V
-            rows = (offsets + parent).view(-1)  # (B*K,) flat index of each parent hypothesis
+            rows = (parent + k * torch.arange(n, device=device).unsqueeze(1)).view(-1)  # (n*K,)
             # The attention that produced word t is its parent's at this step.
-            tokens = _extend(tokens, parent, word)
-            alphas = _extend(alphas, parent, step.attention.alpha[rows].view(B, K, L))
-            betas = _extend(betas, parent, step.beta[rows].view(B, K))
-            locations = _extend(locations, parent, step.attention.location[rows].view(B, K))
-            if step.attention.position is not None:
-                if positions is None:
-                    positions = annotations.new_empty(B, K, 0, 2)
-                positions = _extend(positions, parent, step.attention.position[rows].view(B, K, 2))
+            history = history.extend(parent, word, step, rows)
             done = done.gather(1, parent) | (word == END_ID)
+            finished = done.all(dim=1)  # (n,)
+            if length_penalty == 0:
+                best_done = scores.masked_fill(~done, float("-inf")).amax(dim=1)
+                finished |= best_done > scores.masked_fill(done, float("-inf")).amax(dim=1)
+            if t == max_len - 1:
+                finished[:] = True
+            if finished.any():
+                settled.append(
+                    (images[finished], _best(scores, done, history, finished, length_penalty))
+                )
+                if finished.all():
+                    break
+                # Drop the settled images: every later step works on the rest only.
+                keep = ~finished
+                rows = rows.view(n, K)[keep].view(-1)
+                kept = keep.nonzero().squeeze(1)
+                a = a[kept]
+                memory = dec.attention.select(memory, kept)
+                images, scores, done, word = images[keep], scores[keep], done[keep], word[keep]
+                history = history.select(keep)
             state = tuple(x[rows] for x in step.state)
-            y = word.view(-1)
-            if done.all():
-                break
-        lengths = (tokens != PAD_ID).sum(-1).clamp(min=1).float()  # (B, K)
-        ranked = scores / lengths.pow(length_penalty)
-        # Prefer complete captions; fall back to the best unfinished one.
-        finished = ranked.masked_fill(~done, float("-inf"))
-        ranked = torch.where(done.any(1, keepdim=True), finished, ranked)
-        best = ranked.argmax(dim=1)  # (B,)
-        b = torch.arange(B, device=device)
-        keep = tokens[b, best] != PAD_ID  # (B, T) zero out the steps after <end>
-        if positions is not None:
-            positions = positions[b, best].masked_fill(~keep.unsqueeze(-1), math.nan)
-        return (
-            tokens[b, best],
-            alphas[b, best] * keep.unsqueeze(-1),
-            scores[b, best],
-            betas[b, best] * keep,
-            locations[b, best].masked_fill(~keep, -1),
+            y = word.reshape(-1)
+        return _assemble(settled)
+
+
+class _BeamHistory(NamedTuple):
+    """What each hypothesis of the n images still searched has generated, (n, K, t, ...)."""
+
+    tokens: Tensor  # (n, K, t)
+    alphas: Tensor  # (n, K, t, L)
+    betas: Tensor  # (n, K, t)
+    locations: Tensor  # (n, K, t)
+    positions: Tensor | None  # (n, K, t, 2), for attentions that report a window centre
+
+    @staticmethod
+    def empty(annotations: Tensor) -> _BeamHistory:
+        """No steps yet, for the one hypothesis per image that the search starts from."""
+        B, L, D = annotations.shape
+        long = torch.empty(B, 1, 0, dtype=torch.long, device=annotations.device)
+        return _BeamHistory(
+            long, annotations.new_empty(B, 1, 0, L), annotations.new_empty(B, 1, 0), long, None
+        )
+
+    def extend(self, parent: Tensor, word: Tensor, step: DecoderStep, rows: Tensor) -> _BeamHistory:
+        """Reorder by parent beam (n, K) and append this step: word t and the attention of
+        the parent hypothesis (flat rows `rows` of the step) that produced it."""
+        n, K = parent.shape
+        att = step.attention
+        positions = None
+        if att.position is not None:
+            past = (
+                self.positions if self.positions is not None else att.position.new_empty(n, K, 0, 2)
+            )
+            positions = _extend(past, parent, att.position[rows].view(n, K, 2))
+        return _BeamHistory(
+            _extend(self.tokens, parent, word),
+            _extend(self.alphas, parent, att.alpha[rows].view(n, K, -1)),
+            _extend(self.betas, parent, step.beta[rows].view(n, K)),
+            _extend(self.locations, parent, att.location[rows].view(n, K)),
             positions,
         )
+
+    def select(self, keep: Tensor) -> _BeamHistory:
+        """The histories of the images that `keep` (n,) picks."""
+        return _BeamHistory(*(x[keep] if x is not None else None for x in self))
+
+
+def _best(
+    scores: Tensor, done: Tensor, history: _BeamHistory, pick: Tensor, length_penalty: float
+) -> tuple[Tensor, ...]:
+    """The returned caption of each image that `pick` (n,) selects: its best finished
+    hypothesis by log p / len^length_penalty, else its best unfinished one.
+
+    Returns:
+        tokens (m, t), alphas, log_probs (m,), betas, locations and positions (or None), with
+        the steps after `<end>` zeroed (NaN positions, -1 locations).
+    """
+    scores, done = scores[pick], done[pick]
+    h = history.select(pick)
+    lengths = (h.tokens != PAD_ID).sum(-1).clamp(min=1).float()  # (m, K)
+    ranked = scores / lengths.pow(length_penalty)
+    # Prefer complete captions; fall back to the best unfinished one.
+    finished = ranked.masked_fill(~done, float("-inf"))
+    ranked = torch.where(done.any(1, keepdim=True), finished, ranked)
+    best = ranked.argmax(dim=1)  # (m,)
+    b = torch.arange(len(best), device=best.device)
+    keep = h.tokens[b, best] != PAD_ID  # (m, t) zero out the steps after <end>
+    positions = None
+    if h.positions is not None:
+        positions = h.positions[b, best].masked_fill(~keep.unsqueeze(-1), math.nan)
+    return (
+        h.tokens[b, best],
+        h.alphas[b, best] * keep.unsqueeze(-1),
+        scores[b, best],
+        h.betas[b, best] * keep,
+        h.locations[b, best].masked_fill(~keep, -1),
+        positions,
+    )
+
+
+def _assemble(settled: list[tuple[Tensor, tuple[Tensor, ...]]]) -> tuple[Tensor, ...]:
+    """The results of images settled at different steps, back in input order and padded to
+    the longest caption: `<pad>` tokens, zero alphas and betas, -1 locations, NaN positions."""
+    T = max(result[0].shape[1] for _, result in settled)
+    images = torch.cat([i for i, _ in settled])  # a permutation of the input indices
+    fills = (PAD_ID, 0.0, None, 0.0, -1, math.nan)  # None: log-probs, one per image, no steps
+    out: list[Tensor | None] = []
+    for field, fill in enumerate(fills):
+        parts = [result[field] for _, result in settled]
+        if parts[0] is None:  # positions, for attentions without a window
+            out.append(None)
+            continue
+        if fill is not None:
+            parts = [_pad_steps(x, T, fill) for x in parts]
+        x = torch.cat(parts)
+        out.append(torch.empty_like(x).index_copy_(0, images, x))
+    return tuple(out)
+
+
+def _pad_steps(x: Tensor, T: int, fill: float) -> Tensor:
+    """(m, t, ...) -> (m, T, ...), the new steps filled with `fill`."""
+    padded = x.new_full((x.shape[0], T, *x.shape[2:]), fill)
+    padded[:, : x.shape[1]] = x
+    return padded
 
 
 def _extend(history: Tensor, parent: Tensor, new: Tensor) -> Tensor:

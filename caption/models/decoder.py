@@ -244,7 +244,7 @@ class Decoder(nn.Module):
             if n < len(state[0]):  # the shortest captions ended: drop them from the batch
                 state = tuple(x[:n] for x in state)
                 a = a[:n]
-                memory = self.attention.narrow(memory, n)
+                memory = self.attention.select(memory, slice(0, n))
             force = forced[:n, t] if forced is not None else None
             state, z, att, _ = self.advance(gates_in[t], state, a, memory, recurrent, force)
             hs.append(state[0])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from caption.models.attention import AttentionOutput, SoftAttention
+from caption.models.attention import AttentionOutput, SoftAttention, expectation
 
 
 @dataclass
@@ -113,12 +113,12 @@ class LocalAttention(SoftAttention):
         centres = torch.cartesian_prod(ij, ij)  # (L, 2) row-major: (i + 0.5, j + 0.5)
         return LocalMemory(self.score.keys(annotations), S, centres)
 
-    def narrow(self, memory: LocalMemory, n: int) -> LocalMemory:
-        """The memory of the first `n` sequences; it carries on from `memory`'s step.
+    def select(self, memory: LocalMemory, index: slice | Tensor) -> LocalMemory:
+        """The memory of the sequences `index` picks; it carries on from `memory`'s step.
 
         Use the returned memory from here on: `forward` advances the step of the one it gets.
         """
-        return replace(memory, keys=memory.keys[:n])
+        return replace(memory, keys=memory.keys[index])
 
     def forward(
         self,
@@ -137,7 +137,7 @@ class LocalAttention(SoftAttention):
         """
         if location is not None:
             raise ValueError("local attention has no location to force")
-        B, L, D = annotations.shape  # L = S*S cells
+        B, L = len(query), annotations.shape[1]  # B query rows (K per image); L = S*S cells
         S = memory.side
         if self.W_p is not None:
             p = S * torch.sigmoid(self.v_p(torch.tanh(self.W_p(query))))  # (B, 2) in [0, S]²
@@ -153,6 +153,6 @@ class LocalAttention(SoftAttention):
         log_gauss = -offset.pow(2).sum(dim=-1) / (2 * self.sigma**2)  # (B, L)
         logits = self.score(query, memory.keys) + log_gauss
         alpha = logits.masked_fill(~inside, float("-inf")).softmax(dim=-1)  # 0 outside exactly
-        context = torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)  # (B, 1, L) @ (B, L, D)
+        context = expectation(alpha, annotations)  # (B, D)
         self.last_position = p.detach()
         return AttentionOutput(context, alpha, here, position=self.last_position)

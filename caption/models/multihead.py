@@ -66,11 +66,11 @@ class MultiHeadAttention(nn.Module):
             list(values), [h.prepare(v) for h, v in zip(self.attend, values, strict=True)]
         )
 
-    def narrow(self, memory: MultiHeadMemory, n: int) -> MultiHeadMemory:
-        """The memory of the first `n` sequences, for every head."""
+    def select(self, memory: MultiHeadMemory, index: slice | Tensor) -> MultiHeadMemory:
+        """The memory of the sequences `index` picks, for every head."""
         return MultiHeadMemory(
-            [v[:n] for v in memory.values],
-            [h.narrow(m, n) for h, m in zip(self.attend, memory.memories, strict=True)],
+            [v[index] for v in memory.values],
+            [h.select(m, index) for h, m in zip(self.attend, memory.memories, strict=True)],
         )
 
     def forward(
