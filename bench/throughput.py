@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -109,10 +109,22 @@ def paper_model(vocab: int = PAPER["vocab"], **dims: int) -> Captioner:
     )
 
 
+def adam(params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    """The optimizer `caption-train` builds from `conf/optimizer/adam.yaml`, at lr 1e-4."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from caption.config import CONF_DIR
+
+    cfg = OmegaConf.load(Path(CONF_DIR) / "optimizer" / "adam.yaml")
+    return instantiate(cfg, lr=1e-4)(params=params)
+
+
 def random_captions(B: int, V: int, words: tuple[int, int], seed: int = 0) -> Tensor:
-    """(B, T) `<start> w.. <end> <pad>..` with lengths drawn uniformly from `words`."""
+    """(B, T) `<start> w.. <end> <pad>..` with lengths drawn uniformly from `words`, longest
+    first, the order `collate_captions` gives a training batch."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(words[0], words[1] + 1, (B,), generator=g)
+    lengths = torch.randint(words[0], words[1] + 1, (B,), generator=g).sort(descending=True).values
     captions = torch.full((B, int(lengths.max()) + 2), PAD_ID)
     for b, n in enumerate(lengths.tolist()):
         captions[b, 0] = START_ID
@@ -234,7 +246,7 @@ def phase_paper_train(args: argparse.Namespace, work: Path, device: torch.device
     features = torch.randn(PAPER_BATCH, L, PAPER["D"], device=device).relu_()  # post-ReLU maps
     captions = random_captions(PAPER_BATCH, PAPER["vocab"], PAPER_WORDS).to(device)
     words = int((captions[:, 1:] != PAD_ID).sum())
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = adam(model.parameters())
     params = list(model.parameters())
 
     def step() -> None:

@@ -122,6 +122,20 @@ def test_additive_is_the_mlp_formula(activation: str, grad: bool) -> None:
     assert e.requires_grad == grad
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_additive_training_gradients(K: int, monkeypatch) -> None:
+    """The hand-written backward of σ(k + q) w, chunked here one image at a time, against
+    autograd's numerical gradient in float64, for one query per image and for K."""
+    import caption.models.scores as scores
+
+    monkeypatch.setattr(scores, "CHUNK_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(B, L, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(B, K, 1, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(scores._SigmoidLayer.apply, (keys, q, w))
+
+
 @pytest.mark.parametrize("name", SCORES)
 def test_queries_grouped_by_image_share_its_keys(name: str, monkeypatch) -> None:
     """K consecutive queries per image (beam search's hypotheses) score against that image's

@@ -157,6 +157,7 @@ class CaptionDataset(Dataset):
         if isinstance(self.bank, ImageBank) and self.bank.pixels is None:
             return collate_captions([self[k] for k in keys])
         k = torch.as_tensor(keys, dtype=torch.long)
+        k = k[self.lengths[k].argsort(descending=True, stable=True)]  # longest caption first
         lengths = self.lengths[k]
         captions = self.captions[k, : int(lengths.max())]  # right-padded to the longest
         return CaptionBatch(self.bank.batch(self.image_ids[k]), captions, lengths)
@@ -165,7 +166,8 @@ class CaptionDataset(Dataset):
 def collate_captions(
     batch: list[tuple[torch.Tensor, torch.Tensor] | CaptionError] | CaptionBatch,
 ) -> CaptionBatch:
-    """Stack images and right-pad captions with `<pad>` to the longest in the batch.
+    """Stack images and right-pad captions with `<pad>` to the longest in the batch, sorted
+    longest caption first (a stable sort: equal lengths keep their order).
 
     A `CaptionBatch` (from `CaptionDataset.__getitems__`) is already collated: it passes
     through. Items that failed to load are left out and their errors listed in `skipped`; a
@@ -182,6 +184,8 @@ def collate_captions(
             torch.empty(0, dtype=torch.long),
             skipped,
         )
+    # Longest caption first, the order packed teacher forcing decodes in: it need not re-sort.
+    good.sort(key=lambda item: -len(item[1]))
     images, captions = zip(*good, strict=True)
     lengths = torch.tensor([len(c) for c in captions])
     return CaptionBatch(

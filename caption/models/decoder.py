@@ -230,7 +230,9 @@ class Decoder(nn.Module):
         steps = torch.arange(targets.shape[1], device=captions.device)
         live = steps.unsqueeze(1) < lengths[order].unsqueeze(0)  # (T-1, B) time-major
         counts = live.sum(dim=1).tolist()  # captions still going at each step; one sync
-        a = annotations[order]
+        # Training batches come sorted (`collate_captions`): then there is nothing to gather.
+        presorted = torch.equal(order, torch.arange(len(order), device=order.device))
+        a = annotations if presorted else annotations[order]
         memory = self.attention.prepare(a)  # once per image, not once per step
         state = self.init_state(a)
         recurrent = self.recurrent_weight()

@@ -11,10 +11,13 @@ Pick one with `model/score=additive|dot|scaled_dot|general`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 # Inference scores these many hidden units at a time (4 MiB of float32), so that the (B, L, A)
 # sum, its activation and the weighted sum over A stay in cache instead of making three trips
@@ -76,17 +79,70 @@ class AdditiveScore(nn.Module):
             act, v, bias = torch.relu_, self.v.weight[0], self.v.bias
         K = q.shape[1]
         if torch.is_grad_enabled():
-            # In place: the sum is a fresh temporary, and autograd allows it (sigmoid's and
-            # relu's backward need their output, not their input).
-            hidden = act(keys.unsqueeze(1) + q)  # (B, K, L, A)
-            e = torch.matmul(hidden, v.unsqueeze(-1))  # (B, K, L, A) @ (A, 1) -> (B, K, L, 1)
+            if self.activation == "tanh":
+                e = _SigmoidLayer.apply(keys, q, v)  # (B, K, L, 1)
+            else:
+                # In place: the sum is a fresh temporary, and relu's backward needs its output.
+                hidden = act(keys.unsqueeze(1) + q)  # (B, K, L, A)
+                e = torch.matmul(hidden, v.unsqueeze(-1))  # (B, K, L, A) @ (A, 1)
             return (e + bias).view(B * K, L)
         e = keys.new_empty(B, K, L)
-        rows = max(1, CHUNK_ELEMENTS // (K * L * A))
-        for i in range(0, B, rows):
-            hidden = act(keys[i : i + rows].unsqueeze(1) + q[i : i + rows])  # (b, K, L, A)
-            torch.sum(hidden.mul_(v), dim=-1, out=e[i : i + rows])  # v_aᵀ act(..), in cache
+        for i, j in _chunks(B, K * L * A):
+            hidden = act(keys[i:j].unsqueeze(1) + q[i:j])  # (b, K, L, A)
+            torch.sum(hidden.mul_(v), dim=-1, out=e[i:j])  # v_aᵀ act(..), in cache
         return e.add_(bias).view(B * K, L)
+
+
+class _SigmoidLayer(torch.autograd.Function):
+    """e = σ(k + q) w for keys k (B, L, A), queries q (B, K, 1, A) and w (A,): (B, K, L, 1).
+
+    The (B, K, L, A) hidden units are the largest tensors of a training step. Autograd would
+    make five trips through memory over them forward (add, σ, the dot with w) and backward (the
+    outer product g wᵀ, σ', the sums); here both directions work through them in cache-sized
+    chunks of images, so memory sees each unit written once and read once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, keys: Tensor, q: Tensor, w: Tensor) -> Tensor:
+        B, L, A = keys.shape
+        K = q.shape[1]
+        ctx.dtypes = keys.dtype, q.dtype, w.dtype
+        dtype = torch.promote_types(keys.dtype, q.dtype)  # under autocast, both low precision
+        w = w.to(dtype)
+        hidden = keys.new_empty(B, K, L, A, dtype=dtype)
+        e = keys.new_empty(B, K, L, 1, dtype=dtype)
+        for i, j in _chunks(B, K * L * A):
+            h = torch.add(keys[i:j].unsqueeze(1), q[i:j], out=hidden[i:j]).sigmoid_()
+            torch.mm(h.view(-1, A), w.view(A, 1), out=e[i:j].view(-1, 1))  # (n, A) @ (A, 1)
+        ctx.save_for_backward(hidden, w)
+        return e
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hidden, w = ctx.saved_tensors
+        B, K, L, A = hidden.shape
+        grad = grad.to(hidden.dtype).contiguous()  # (B, K, L, 1)
+        grad_keys = hidden.new_empty(B, L, A)
+        grad_q = hidden.new_empty(B, K, 1, A)
+        grad_w = hidden.new_zeros(1, A)
+        for i, j in _chunks(B, K * L * A):
+            h, g = hidden[i:j], grad[i:j]
+            grad_w.addmm_(g.view(1, -1), h.view(-1, A))  # Σ g σ: (1, n) @ (n, A)
+            # One query per image (training): the keys' gradient is written where it belongs.
+            pre = grad_keys[i:j].unsqueeze(1) if K == 1 else None
+            pre = torch.addcmul(h, h, h, value=-1.0, out=pre).mul_(w).mul_(g)  # g w σ(1 − σ)
+            if K > 1:
+                torch.sum(pre, dim=1, out=grad_keys[i:j])  # (b, L, A): over the K queries
+            torch.sum(pre, dim=2, keepdim=True, out=grad_q[i:j])  # (b, K, 1, A): over L
+        dtype_keys, dtype_q, dtype_w = ctx.dtypes
+        return grad_keys.to(dtype_keys), grad_q.to(dtype_q), grad_w.view(A).to(dtype_w)
+
+
+def _chunks(B: int, per_image: int) -> Iterator[tuple[int, int]]:
+    """[i, j) ranges of images whose `per_image` elements each fill about CHUNK_ELEMENTS."""
+    rows = max(1, CHUNK_ELEMENTS // per_image)
+    return ((i, min(i + rows, B)) for i in range(0, B, rows))
 
 
 class DotScore(nn.Module):
