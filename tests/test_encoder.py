@@ -118,6 +118,14 @@ def test_inference_folds_batchnorm_into_the_conv(fine_tune: bool) -> None:
     assert len(calls) == (len(bn_layers(enc)) if fine_tune else 0)
 
 
+@pytest.mark.parametrize("size", [(8, 8), (9, 7)])
+def test_inference_max_pool_is_max_pool2d(size: tuple[int, int]) -> None:
+    from caption.models.encoder import _max_pool_2x2
+
+    x = torch.randn(2, 3, *size).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_max_pool_2x2(x), nn.functional.max_pool2d(x, 2))  # odd sizes: floor
+
+
 def test_small_cnn_widths_and_hydra_listconfig() -> None:
     hydra_utils = pytest.importorskip("hydra.utils")
     cfg = {"_target_": "caption.models.encoder.Encoder", "channels": [8, 16]}

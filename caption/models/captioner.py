@@ -255,10 +255,9 @@ class Captioner(nn.Module):
         y = torch.full((B,), START_ID, dtype=torch.long, device=device)
         scores = annotations.new_zeros(B, 1)
         done = torch.zeros(B, 1, dtype=torch.bool, device=device)
+        lengths = torch.zeros(B, 1, dtype=torch.long, device=device)  # words before <pad>
         images = torch.arange(B, device=device)  # the input index of each image still searched
-        # Per-hypothesis histories (n, K, t, ...) of the n images still searched, reordered by
-        # parent beam at every step; `positions` only for attentions that report a window.
-        history = _BeamHistory.empty(annotations)
+        trail = _Backpointers()
         settled: list[tuple[Tensor, tuple[Tensor, ...]]] = []  # (images, their results)
         for t in range(max_len):
             n = len(images)
@@ -273,9 +272,9 @@ class Captioner(nn.Module):
             parent = torch.div(idx, V, rounding_mode="floor")  # integer division of indices
             word = idx % V
             rows = (parent + k * torch.arange(n, device=device).unsqueeze(1)).view(-1)  # (n*K,)
-            # The attention that produced word t is its parent's at this step.
-            history = history.extend(parent, word, step, rows)
+            trail.record(images, parent, word, step, rows)  # word t and its parent's attention
             done = done.gather(1, parent) | (word == END_ID)
+            lengths = lengths.gather(1, parent) + (word != PAD_ID)
             finished = done.all(dim=1)  # (n,)
             if length_penalty == 0:
                 best_done = scores.masked_fill(~done, float("-inf")).amax(dim=1)
@@ -283,8 +282,15 @@ class Captioner(nn.Module):
             if t == max_len - 1:
                 finished[:] = True
             if finished.any():
+                # Prefer complete captions; fall back to the best unfinished one.
+                ranked = scores / lengths.float().clamp(min=1).pow(length_penalty)
+                complete = ranked.masked_fill(~done, float("-inf"))
+                ranked = torch.where(done.any(1, keepdim=True), complete, ranked)
+                best = ranked[finished].argmax(dim=1)  # (m,)
+                tokens, alphas, betas, locations, positions = trail.trace(finished, best)
+                log_probs = scores[finished, best]
                 settled.append(
-                    (images[finished], _best(scores, done, history, finished, length_penalty))
+                    (images[finished], (tokens, alphas, log_probs, betas, locations, positions))
                 )
                 if finished.all():
                     break
@@ -294,86 +300,69 @@ class Captioner(nn.Module):
                 kept = keep.nonzero().squeeze(1)
                 a = a[kept]
                 memory = dec.attention.select(memory, kept)
-                images, scores, done, word = images[keep], scores[keep], done[keep], word[keep]
-                history = history.select(keep)
+                images, word = images[keep], word[keep]
+                scores, done, lengths = scores[keep], done[keep], lengths[keep]
             state = tuple(x[rows] for x in step.state)
             y = word.reshape(-1)
         return _assemble(settled)
 
 
-class _BeamHistory(NamedTuple):
-    """What each hypothesis of the n images still searched has generated, (n, K, t, ...)."""
+class _Backpointers:
+    """What each step's hypotheses emitted, and which hypothesis each one extended.
 
-    tokens: Tensor  # (n, K, t)
-    alphas: Tensor  # (n, K, t, L)
-    betas: Tensor  # (n, K, t)
-    locations: Tensor  # (n, K, t)
-    positions: Tensor | None  # (n, K, t, 2), for attentions that report a window centre
+    Every step appends (n, K) tensors for the n images then being searched, and nothing is
+    copied afterwards; a finished caption is read back by following its parents, from its
+    last step to the first. (Reordering whole histories at every step would copy O(T²).)
+    """
 
-    @staticmethod
-    def empty(annotations: Tensor) -> _BeamHistory:
-        """No steps yet, for the one hypothesis per image that the search starts from."""
-        B, L, D = annotations.shape
-        long = torch.empty(B, 1, 0, dtype=torch.long, device=annotations.device)
-        return _BeamHistory(
-            long, annotations.new_empty(B, 1, 0, L), annotations.new_empty(B, 1, 0), long, None
-        )
+    def __init__(self) -> None:
+        self.steps: list[tuple[Tensor, ...]] = []
 
-    def extend(self, parent: Tensor, word: Tensor, step: DecoderStep, rows: Tensor) -> _BeamHistory:
-        """Reorder by parent beam (n, K) and append this step: word t and the attention of
-        the parent hypothesis (flat rows `rows` of the step) that produced it."""
+    def record(
+        self, images: Tensor, parent: Tensor, word: Tensor, step: DecoderStep, rows: Tensor
+    ) -> None:
+        """Step t: its images (n,) (ascending), the parent beams (n, K) and words (n, K), and
+        the attention of the parent hypotheses (flat rows `rows` of the step) behind them."""
         n, K = parent.shape
         att = step.attention
-        positions = None
-        if att.position is not None:
-            past = (
-                self.positions if self.positions is not None else att.position.new_empty(n, K, 0, 2)
-            )
-            positions = _extend(past, parent, att.position[rows].view(n, K, 2))
-        return _BeamHistory(
-            _extend(self.tokens, parent, word),
-            _extend(self.alphas, parent, att.alpha[rows].view(n, K, -1)),
-            _extend(self.betas, parent, step.beta[rows].view(n, K)),
-            _extend(self.locations, parent, att.location[rows].view(n, K)),
+        position = att.position[rows].view(n, K, 2) if att.position is not None else None
+        fields = (
+            word,
+            att.alpha[rows].view(n, K, -1),
+            step.beta[rows].view(n, K),
+            att.location[rows].view(n, K),
+            position,
+        )
+        self.steps.append((images, parent, *fields))
+
+    def trace(self, pick: Tensor, beam: Tensor) -> tuple[Tensor | None, ...]:
+        """Follow beam `beam` (m,) of the images `pick` (n,) selects in the last step back
+        to the first.
+
+        Returns:
+            tokens (m, t), alphas (m, t, L), betas, locations, and positions or None, with the
+            steps after `<end>` zeroed (NaN positions, -1 locations).
+        """
+        ids = self.steps[-1][0][pick]  # the input indices of the images traced
+        columns: list[tuple[Tensor | None, ...]] = []
+        for images, parent, *fields in reversed(self.steps):
+            at = torch.searchsorted(images, ids)  # each traced image's row at this step
+            columns.append(tuple(f[at, beam] if f is not None else None for f in fields))
+            beam = parent[at, beam]
+        columns.reverse()
+        tokens, alphas, betas, locations, positions = (
+            torch.stack(x, dim=1) if x[0] is not None else None for x in zip(*columns, strict=True)
+        )
+        keep = tokens != PAD_ID  # (m, t) zero out the steps after <end>
+        if positions is not None:
+            positions = positions.masked_fill(~keep.unsqueeze(-1), math.nan)
+        return (
+            tokens,
+            alphas * keep.unsqueeze(-1),
+            betas * keep,
+            locations.masked_fill(~keep, -1),
             positions,
         )
-
-    def select(self, keep: Tensor) -> _BeamHistory:
-        """The histories of the images that `keep` (n,) picks."""
-        return _BeamHistory(*(x[keep] if x is not None else None for x in self))
-
-
-def _best(
-    scores: Tensor, done: Tensor, history: _BeamHistory, pick: Tensor, length_penalty: float
-) -> tuple[Tensor, ...]:
-    """The returned caption of each image that `pick` (n,) selects: its best finished
-    hypothesis by log p / len^length_penalty, else its best unfinished one.
-
-    Returns:
-        tokens (m, t), alphas, log_probs (m,), betas, locations and positions (or None), with
-        the steps after `<end>` zeroed (NaN positions, -1 locations).
-    """
-    scores, done = scores[pick], done[pick]
-    h = history.select(pick)
-    lengths = (h.tokens != PAD_ID).sum(-1).clamp(min=1).float()  # (m, K)
-    ranked = scores / lengths.pow(length_penalty)
-    # Prefer complete captions; fall back to the best unfinished one.
-    finished = ranked.masked_fill(~done, float("-inf"))
-    ranked = torch.where(done.any(1, keepdim=True), finished, ranked)
-    best = ranked.argmax(dim=1)  # (m,)
-    b = torch.arange(len(best), device=best.device)
-    keep = h.tokens[b, best] != PAD_ID  # (m, t) zero out the steps after <end>
-    positions = None
-    if h.positions is not None:
-        positions = h.positions[b, best].masked_fill(~keep.unsqueeze(-1), math.nan)
-    return (
-        h.tokens[b, best],
-        h.alphas[b, best] * keep.unsqueeze(-1),
-        scores[b, best],
-        h.betas[b, best] * keep,
-        h.locations[b, best].masked_fill(~keep, -1),
-        positions,
-    )
 
 
 def _assemble(settled: list[tuple[Tensor, tuple[Tensor, ...]]]) -> tuple[Tensor, ...]:
@@ -400,12 +389,6 @@ def _pad_steps(x: Tensor, T: int, fill: float) -> Tensor:
     padded = x.new_full((x.shape[0], T, *x.shape[2:]), fill)
     padded[:, : x.shape[1]] = x
     return padded
-
-
-def _extend(history: Tensor, parent: Tensor, new: Tensor) -> Tensor:
-    """Reorder histories (B, K, t, ...) by parent beam (B, K) and append this step (B, K, ...)."""
-    rows = torch.arange(parent.shape[0], device=parent.device).unsqueeze(1)  # (B, 1)
-    return torch.cat([history[rows, parent], new.unsqueeze(2)], dim=2)
 
 
 def _no_specials(logits: Tensor) -> Tensor:

@@ -130,8 +130,35 @@ def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
     return conv._conv_forward(x, weight, bias)
 
 
+def _halving(pool: nn.Module) -> bool:
+    """A plain 2x2, stride-2 max-pool, as `SmallCNN` uses."""
+    pair = (lambda v: v in (2, (2, 2))) if isinstance(pool, nn.MaxPool2d) else None
+    return (
+        pair is not None
+        and pair(pool.kernel_size)
+        and pool.stride in (2, (2, 2), None)
+        and pool.padding in (0, (0, 0))
+        and pool.dilation in (1, (1, 1))
+        and not pool.ceil_mode
+        and not pool.return_indices
+    )
+
+
+def _max_pool_2x2(x: Tensor) -> Tensor:
+    """`F.max_pool2d(x, 2)` as two elementwise maxima of strided views, for inference: the
+    same values, without computing the argmax indices that only the backward needs (about
+    1.7x faster on channels-last CPU tensors)."""
+    H, W = x.shape[-2:]
+    x = x[..., : H - H % 2, : W - W % 2]  # floor mode: an odd last row or column is dropped
+    rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
 class SmallCNN(nn.Sequential):
-    """From-scratch CNN: [conv3x3-BN-ReLU, maxpool2] per width, then one conv3x3-BN-ReLU.
+    """From-scratch CNN: [conv3x3-BN, maxpool2, ReLU] per width, then one conv3x3-BN-ReLU.
+
+    The ReLU comes after the pool: max and ReLU commute, so the function (and its gradient)
+    is that of the usual conv-BN-ReLU-pool, on a quarter of the values.
 
     The grid stride is 2**len(channels): an 80 px image gives 10x10 with the default three widths.
     The receptive field of one cell is 5 * 2**n - 2 px for n widths, i.e. 38 px (stride 8) for
@@ -147,7 +174,8 @@ class SmallCNN(nn.Sequential):
         layers: list[nn.Module] = []
         c = in_channels
         for width in channels:
-            layers += [*conv_bn_relu(c, width), nn.MaxPool2d(2)]
+            conv, bn, relu = conv_bn_relu(c, width)
+            layers += [conv, bn, nn.MaxPool2d(2), relu]
             c = width
         layers += conv_bn_relu(c, c)  # one unpooled conv mixes each cell with its neighbours
         super().__init__(*layers)
@@ -183,7 +211,7 @@ def _small_cnn(
     if not widths or min(widths) < 1:
         raise EncoderConfigError(f"small_cnn: channels must be positive widths, got {widths}")
     net = SmallCNN(3 + 2 * coord_channels, widths)
-    # blocks: [conv-BN-ReLU-pool] per width (4 layers each), then the final conv-BN-ReLU
+    # blocks: [conv-BN-pool-ReLU] per width (4 layers each), then the final conv-BN-ReLU
     starts = tuple(range(0, 4 * len(widths) + 1, 4))
     names = (*(f"block{i + 1}" for i in range(len(widths))), "final_conv")
     return Trunk(net, net.out_dim, starts, names)
@@ -610,12 +638,15 @@ class Encoder(nn.Module):
             raise EncoderConfigError(
                 f"encoder expects RGB images (B, 3, H, W), got {tuple(images.shape)}"
             )
-        x = (images - self.mean) / self.std
+        # Written straight into the layout the first conv reads: oneDNN convs run ~2x faster
+        # channels-last (NHWC) on CPU.
+        cpu = images.device.type == "cpu"
+        layout = torch.channels_last if cpu else torch.contiguous_format
+        shape = (B, 3 + 2 * self.coord_channels, H, W)
+        x = torch.empty(shape, dtype=images.dtype, device=images.device, memory_format=layout)
+        x[:, :3] = (images - self.mean) / self.std
         if self.coord_channels:
-            coords = coord_grid(H, W, x.device, x.dtype).expand(B, -1, -1, -1)
-            x = torch.cat([x, coords], dim=1)  # (B, 5, H, W)
-        if x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN convs: ~2x faster NHWC
+            x[:, 3:] = coord_grid(H, W, x.device, x.dtype)  # (B, 5, H, W) with the x, y planes
         return x
 
     def _layers(self) -> Iterator[tuple[bool, nn.Module]]:
@@ -637,6 +668,10 @@ class Encoder(nn.Module):
                 if not torch.is_grad_enabled() and _foldable(layer, following):
                     x = _conv_bn(layer, following, x)  # inference: BatchNorm folded into the conv
                     i += 2
+                    continue
+                if not torch.is_grad_enabled() and _halving(layer):
+                    x = _max_pool_2x2(x)
+                    i += 1
                     continue
                 x = layer(x)
             i += 1
