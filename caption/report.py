@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image
 
+from caption.data.images import MAX_PIXELS
 from caption.metrics import bleu
 from caption.visualize import (
     CMAP,
@@ -39,6 +39,7 @@ from caption.visualize import (
     WINDOW_COLOR,
     AttentionView,
     color_max,
+    shown_image,
     window_cells,
 )
 
@@ -103,13 +104,10 @@ def attention_record(
     return record
 
 
-def embed_image(path: str | Path, max_side: int = 256) -> str:
-    """The image as a JPEG data URI, shrunk to at most `max_side` pixels a side."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((max_side, max_side))
-        buffer = io.BytesIO()
-        im.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+def embed_image(path: str | Path, max_side: int = 256, max_pixels: int | None = MAX_PIXELS) -> str:
+    """The image as a JPEG data URI: upright, shrunk to at most `max_side` pixels a side."""
+    buffer = io.BytesIO()
+    shown_image(path, max_side, max_pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -120,12 +118,13 @@ def report_item(
     *,
     normalize: str = "shared",
     max_side: int = 256,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> dict[str, Any]:
     """One image of the report: its name, the embedded image, its record, and with references,
     the references and the image's own BLEU-1..4 against them."""
     item = {
         "name": Path(path).name,
-        "image": embed_image(path, max_side),
+        "image": embed_image(path, max_side, max_pixels),
         "log_prob": round(view.log_prob, 4),
         **attention_record(view, normalize=normalize, compact=True),
     }

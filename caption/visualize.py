@@ -41,7 +41,7 @@ from torch import Tensor
 from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR, check_choice, check_decoding, check_int, resolve_device
 from caption.data.formats import read_split
-from caption.data.images import expand_images
+from caption.data.images import MAX_PIXELS, expand_images, read_rgb
 from caption.data.karpathy import SPLITS
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError, cli_guard
@@ -355,6 +355,16 @@ def _inputs(cfg: DictConfig, train_data: DictConfig) -> tuple[list[Path], dict[P
     return (files[: cfg.max_images] if cfg.max_images else files), references
 
 
+def shown_image(
+    path: str | Path, max_side: int, max_pixels: int | None = MAX_PIXELS
+) -> Image.Image:
+    """The image to draw the attention over, as the model saw it: upright (EXIF orientation
+    applied), 8-bit RGB, shrunk to at most `max_side` pixels a side."""
+    im = read_rgb(path, max_pixels)
+    im.thumbnail((max_side, max_side))
+    return im
+
+
 def visualize(cfg: DictConfig) -> dict[str, Any]:
     """Caption images and draw their attention: one PNG each, or one self-contained HTML report.
 
@@ -372,6 +382,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     check_int(cfg, "dpi", 10)
     check_int(cfg, "page_size", 1)
     check_int(cfg, "image_max_side", 16)
+    check_int(cfg, "max_image_pixels", 1, optional=True)
     check_choice(cfg, "normalize", ("shared", "panel"))
     device = resolve_device(cfg.device)
     configure_cpu()
@@ -402,6 +413,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         strategy=cfg.strategy,
         beam_size=cfg.beam_size,
         max_len=cfg.max_len,
+        max_pixels=cfg.max_image_pixels,
     )
     for good, gen in batches:
         for path, view in zip(good, attention_views(model, vocab, gen), strict=True):
@@ -413,13 +425,11 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
                         references.get(path),
                         normalize=cfg.normalize,
                         max_side=cfg.image_max_side,
+                        max_pixels=cfg.max_image_pixels,
                     )
                 )
                 continue
-            with Image.open(path) as im:  # readable: caption_files just decoded it
-                im = im.convert("RGB")
-                im.thumbnail((512, 512))  # a photo need not be drawn at full size
-                shown = np.asarray(im)
+            shown = np.asarray(shown_image(path, 512, cfg.max_image_pixels))  # not full size
             fig = attention_figure(
                 shown,
                 view.words,

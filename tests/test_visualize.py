@@ -124,6 +124,32 @@ def test_long_captions_wrap_and_maps_are_smooth_and_nonnegative() -> None:
 
 @pytest.mark.slow
 @pytest.mark.cli
+def test_images_are_drawn_upright(tmp_path: Path) -> None:
+    """A phone photo stored sideways with an EXIF rotation is drawn as the model reads it."""
+    import base64
+    import io
+
+    from caption.data.images import read_rgb
+    from caption.report import embed_image
+    from caption.visualize import shown_image
+
+    photo = Image.new("RGB", (60, 30), (200, 30, 30))
+    photo.paste((30, 30, 200), (0, 0, 30, 30))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    path = tmp_path / "sideways.jpg"
+    photo.save(path, exif=exif)
+    upright = read_rgb(path)
+    assert upright.size == (30, 60)  # what the model is fed
+    assert shown_image(path, 512).size == (30, 60)
+    assert shown_image(path, 20).size == (10, 20)  # shrunk, aspect kept
+    uri = embed_image(path, 20)
+    embedded = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert embedded.size == (10, 20)
+    top = embedded.convert("RGB").getpixel((5, 2))
+    assert top[2] > top[0]  # the blue half is on top once rotated clockwise
+
+
 def test_visualize_cli_glob_and_beam(trained: Path, tmp_path: Path) -> None:
     ckpt = trained / "run" / "checkpoints" / "best.pt"
     pattern = trained / "shapes" / "images" / "test_0000[0-2].png"
