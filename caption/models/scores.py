@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-# Inference scores these many hidden units at a time (4 MiB of float32), so that the (B, L, A)
-# sum, its activation and the weighted sum over A stay in cache instead of making three trips
-# through memory. Each query's scores are computed the same way whatever the chunk, so a
-# batch's scores equal those of its rows scored one at a time.
+# The additive score works through its (B, K, L, A) hidden units this many at a time (4 MiB
+# of float32), so that the sum, the activation and the weighted sum over A (and in training
+# their gradients) stay in cache instead of each making a trip through memory. Each query's
+# scores are computed the same way whatever the chunk, so a batch's scores equal those of its
+# rows scored one at a time.
 CHUNK_ELEMENTS = 2**20
 
 
@@ -99,7 +100,7 @@ class _SigmoidLayer(torch.autograd.Function):
     The (B, K, L, A) hidden units are the largest tensors of a training step. Autograd would
     make five trips through memory over them forward (add, σ, the dot with w) and backward (the
     outer product g wᵀ, σ', the sums); here both directions work through them in cache-sized
-    chunks of images, so memory sees each unit written once and read once.
+    chunks of images, so that each unit goes through memory twice: written forward, read back.
     """
 
     @staticmethod
