@@ -7,9 +7,7 @@ so loading a file from elsewhere cannot run anything.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from caption.data.vocab import Vocabulary
-from caption.errors import CaptionError
+from caption.errors import CaptionError, first_line
+from caption.files import atomic_file
 from caption.models.captioner import Captioner
 
 FORMAT = "caption-checkpoint"
@@ -42,18 +41,8 @@ def save_checkpoint(path: str | Path, **content: Any) -> None:
     The file is written beside its destination and renamed over it, so a crash mid-write
     leaves the previous checkpoint intact rather than a truncated one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **content}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb", private=True) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **content}, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -103,8 +92,7 @@ def _load_failure(e: Exception) -> str:
         # The pickle asks for something other than tensors and plain data: code could run.
         detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
         return f"it holds pickled objects, not just tensors, refused unexecuted: {detail[:100]}"
-    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    return first[:160]
+    return first_line(e, 160)
 
 
 def build_model(model_cfg: DictConfig, vocab_size: int, from_checkpoint: bool = False) -> Captioner:
@@ -126,7 +114,7 @@ def build_model(model_cfg: DictConfig, vocab_size: int, from_checkpoint: bool = 
         cause = e.__cause__
         if isinstance(cause, CaptionError):
             raise cause from None
-        reason = str(cause or e).strip().splitlines()[0]
+        reason = first_line(cause or e)
         raise CaptionError(f"config: model cannot be built from this config ({reason})") from None
 
 
@@ -158,6 +146,6 @@ def load_captioner(
     except RuntimeError as e:
         raise CaptionError(
             f"checkpoint: {path}: weights do not fit the model its config "
-            f"describes ({str(e).splitlines()[0]})"
+            f"describes ({first_line(e)})"
         ) from None
     return model.to(device).eval(), vocab, cfg

@@ -16,6 +16,14 @@ class CaptionError(Exception):
     """
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to
+    `limit` characters, for a one-line error."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line[:limit]
+
+
 def cli_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command's body and report a `CaptionError` as `error: <message>` on stderr."""
 

@@ -19,9 +19,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from caption.data.images import MAX_PIXELS
+from caption.files import atomic_file
 from caption.metrics import bleu
 from caption.visualize import (
     CMAP,
@@ -199,16 +198,6 @@ def write_report(
         subtitle=subtitle,
         data={"page_size": page_size, "items": list(items)},
     )
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a file to share: mkstemp's 0600 would hide it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
+    with atomic_file(path) as f:  # a file to share: the usual permissions, not 0600
+        f.write(page)
+    return Path(path).stat().st_size

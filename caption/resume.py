@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import signal
 import threading
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from caption.errors import CaptionError
+from caption.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,8 @@ def sync_metrics(metrics_file: Path, epoch: int, row: dict[str, Any] | None) -> 
     rows = [r for r in rows if r.get("epoch", 0) <= epoch]
     if row is not None and row.get("epoch") == epoch and not any(r["epoch"] == epoch for r in rows):
         rows.append(row)
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = metrics_file.with_name(f".{metrics_file.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, metrics_file)
+    with atomic_file(metrics_file) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 class StopSignals:

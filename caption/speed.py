@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from caption.errors import CaptionError
+from caption.errors import CaptionError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,10 @@ class CompileFallback:
             try:
                 return self.compiled(*args, **kwargs)
             except Exception as e:  # any backend failure: the eager path is always correct
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 log.warning(
                     "trainer.compile: compiling %s failed (%s); running it eagerly",
                     self.name,
-                    reason[:160],
+                    first_line(e, 160),
                 )
                 self.compiled = None
         return self.eager(*args, **kwargs)

@@ -28,7 +28,13 @@ from tqdm import tqdm
 
 from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
 from caption.config import CONF_DIR, check_group_overrides, check_train_config
-from caption.data.dataset import CaptionBatch, CaptionDataset, ImageBank, collate_captions
+from caption.data.dataset import (
+    CaptionBatch,
+    CaptionDataset,
+    ImageBank,
+    collate_captions,
+    strict_stop,
+)
 from caption.data.features import FeatureBank
 from caption.data.formats import absolute_spec, check_images, read_dataset
 from caption.data.sampler import EpochSampler
@@ -46,7 +52,7 @@ from caption.distributed import (
     init_distributed,
     shutdown,
 )
-from caption.errors import CaptionError, cli_guard
+from caption.errors import CaptionError, cli_guard, first_line
 from caption.inference import score_bank
 from caption.models.captioner import Captioner
 from caption.resume import StopSignals, capture_rng, restore_rng, resume_path, sync_metrics
@@ -192,10 +198,12 @@ def _restore(
     except (RuntimeError, ValueError, KeyError) as e:
         raise CaptionError(
             f"resume: {path} does not fit this config's model or optimizer "
-            f"({str(e).strip().splitlines()[0][:160]}); resume with the config it was trained with"
+            f"({first_line(e, 160)}); resume with the config it was trained with"
         ) from None
     scheduler.load_state_dict(ckpt["scheduler"])
     progress = {**_fresh_progress(), **ckpt["progress"]}
+    # A checkpoint of an older version lacks newer running sums (the words, for one).
+    progress["partial"] = {**_fresh_partial(), **progress["partial"]}
     was = (progress.get("world_size", 1), progress.get("batch_size", batch_size))
     if was != (dist.world_size, batch_size):
         log.warning(
@@ -421,8 +429,8 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
                     part["sums"][k] += losses[k]
                 part["batches"] += 1
                 part["images"] += len(batch.images)
-                # Predicted words, <end> included (a checkpoint of an older version has none).
-                part["words"] = part.get("words", 0) + int(batch.lengths.sum()) - len(batch.lengths)
+                # Predicted words, <end> included.
+                part["words"] += int(batch.lengths.sum()) - len(batch.lengths)
                 progress["step"] += 1
                 progress["position"] = min(len(train_set), progress["position"] + step_samples)
                 speed = part["images"] / (part["seconds"] + time.perf_counter() - start)
@@ -449,7 +457,7 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
             part["seconds"] += time.perf_counter() - start
             train_seconds += part["seconds"]
             train_images += part["images"]
-            train_words += part.get("words", 0)
+            train_words += part["words"]
             skipped = all_reduce_sum(dist, torch.tensor([float(part["skipped"])]))
             part["skipped"] = int(skipped.item())  # every rank's, for the log and metrics
             if part["skipped"]:
@@ -460,7 +468,7 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
                 "step": progress["step"],
                 **{f"train_{k}": v / max(part["batches"], 1) for k, v in part["sums"].items()},
                 "images_per_sec": part["images"] / max(part["seconds"], 1e-9),
-                "words_per_sec": part.get("words", 0) / max(part["seconds"], 1e-9),
+                "words_per_sec": part["words"] / max(part["seconds"], 1e-9),
                 "epoch_seconds": part["seconds"],
                 **({"skipped_images": part["skipped"]} if part["skipped"] else {}),
             }
@@ -576,10 +584,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 def _report_skipped(skipped: tuple[str, ...], strict: bool) -> int:
     """Warn about each unreadable image of a batch, or stop on the first in strict mode."""
     if skipped and strict:
-        raise CaptionError(
-            f"{skipped[0]}; data.strict_images=true stops at the first unreadable image "
-            "(false skips them)"
-        )
+        raise strict_stop(skipped[0])
     for reason in skipped:
         log.warning("%s; skipped", reason)
     return len(skipped)

@@ -19,6 +19,13 @@ from caption.errors import CaptionError
 log = logging.getLogger(__name__)
 
 
+def strict_stop(reason: str) -> CaptionError:
+    """The error that stops a run at an unreadable image when `data.strict_images=true`."""
+    return CaptionError(
+        f"{reason}; data.strict_images=true stops at the first unreadable image (false skips them)"
+    )
+
+
 class ImageBank:
     """Images of a list of records as uint8 (3, S, S) tensors, preloaded or read lazily.
 
@@ -63,10 +70,7 @@ class ImageBank:
         else:
             missing = [r for r in records if not r.path.is_file()]
             if missing and strict:
-                raise CaptionError(
-                    f"{missing[0].path}: no such image file; data.strict_images=true stops "
-                    "at the first unreadable image (false skips them)"
-                )
+                raise strict_stop(f"{missing[0].path}: no such image file")
             for r in missing:
                 log.warning("%s: no such image file; skipped", r.path)
             if missing:
@@ -78,10 +82,7 @@ class ImageBank:
             return load_image(record.path, self.image_size, self.max_pixels)
         except CaptionError as e:
             if self.strict:
-                raise CaptionError(
-                    f"{e}; data.strict_images=true stops at the first unreadable image "
-                    "(false skips them)"
-                ) from None
+                raise strict_stop(str(e)) from None
             log.warning("%s; skipped", e)
             return None
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from caption.errors import CaptionError
+from caption.errors import CaptionError, first_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -63,8 +63,7 @@ def read_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Ima
             f"{2 * MAX_PIXELS:,} pixels; resize it"
         ) from None
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptionError(f"{path}: corrupt or truncated image ({reason[:120]})") from None
+        raise CaptionError(f"{path}: corrupt or truncated image ({first_line(e, 120)})") from None
 
 
 def _too_large(path: Path, w: int, h: int, max_pixels: int) -> CaptionError:

@@ -297,9 +297,8 @@ class Captioner(nn.Module):
                 # Drop the settled images: every later step works on the rest only.
                 keep = ~finished
                 rows = rows.view(n, K)[keep].view(-1)
-                kept = keep.nonzero().squeeze(1)
-                a = a[kept]
-                memory = dec.attention.select(memory, kept)
+                a = a[keep]
+                memory = dec.attention.select(memory, keep)
                 images, word = images[keep], word[keep]
                 scores, done, lengths = scores[keep], done[keep], lengths[keep]
             state = tuple(x[rows] for x in step.state)

@@ -132,16 +132,11 @@ def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
 
 def _halving(pool: nn.Module) -> bool:
     """A plain 2x2, stride-2 max-pool, as `SmallCNN` uses."""
-    pair = (lambda v: v in (2, (2, 2))) if isinstance(pool, nn.MaxPool2d) else None
-    return (
-        pair is not None
-        and pair(pool.kernel_size)
-        and pool.stride in (2, (2, 2), None)
-        and pool.padding in (0, (0, 0))
-        and pool.dilation in (1, (1, 1))
-        and not pool.ceil_mode
-        and not pool.return_indices
-    )
+    if not isinstance(pool, nn.MaxPool2d) or pool.ceil_mode or pool.return_indices:
+        return False
+    settings = (pool.kernel_size, pool.stride, pool.padding, pool.dilation)  # ints or pairs
+    pairs = tuple(s if isinstance(s, tuple) else (s, s) for s in settings)
+    return pairs == ((2, 2), (2, 2), (0, 0), (1, 1))
 
 
 def _max_pool_2x2(x: Tensor) -> Tensor:
@@ -664,17 +659,17 @@ class Encoder(nn.Module):
         while i < len(layers):
             trainable, layer = layers[i]
             following = layers[i + 1][1] if i + 1 < len(layers) else None
-            with torch.set_grad_enabled(grad and trainable):  # no graph through frozen blocks
-                if not torch.is_grad_enabled() and _foldable(layer, following):
-                    x = _conv_bn(layer, following, x)  # inference: BatchNorm folded into the conv
-                    i += 2
-                    continue
-                if not torch.is_grad_enabled() and _halving(layer):
-                    x = _max_pool_2x2(x)
-                    i += 1
-                    continue
-                x = layer(x)
             i += 1
+            with torch.set_grad_enabled(grad and trainable):  # no graph through frozen blocks
+                if torch.is_grad_enabled():
+                    x = layer(x)
+                elif _foldable(layer, following):  # inference: BatchNorm folded into the conv
+                    x = _conv_bn(layer, following, x)
+                    i += 1  # the BatchNorm is done too
+                elif _halving(layer):
+                    x = _max_pool_2x2(x)
+                else:
+                    x = layer(x)
         fmap = x  # (B, D, H', W')
         _, _, Hf, Wf = fmap.shape  # conv grid
         self._check_grid(Hf, Wf, H, W)
