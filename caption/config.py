@@ -61,32 +61,6 @@ def check_decoding(cfg: DictConfig, prefix: str = "") -> None:
     check_int(cfg, f"{prefix}batch_size", 1)
 
 
-def check_group_overrides(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
-    """Refuse `group=option` overrides that name no option, listing the valid ones on one line.
-
-    Hydra refuses them too, but over several lines; this runs before it, on the command line's
-    arguments. Sweeps (`a,b`) are checked option by option; sweep functions are left to Hydra.
-
-    Raises:
-        CaptionError: an option of a config group does not exist.
-    """
-    root = Path(conf_dir)
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        folder = root / key
-        if key.startswith("hydra") or "." in key or not folder.is_dir() or "(" in value:
-            continue
-        options = sorted(p.stem for p in folder.glob("*.yaml"))
-        for option in value.split(","):
-            if option not in options and option not in ("null", ""):
-                raise CaptionError(
-                    f"config: {key}={option} is not an option of {key}; valid: {', '.join(options)}"
-                )
-
-
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; anything else must be a device torch knows and has."""
     if name == "auto":

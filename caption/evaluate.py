@@ -7,18 +7,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
-from caption.config import CONF_DIR, check_choice, check_decoding, resolve_device
+from caption.config import check_choice, check_decoding, resolve_device
 from caption.data.dataset import ImageBank
 from caption.data.formats import check_images, read_split
 from caption.data.karpathy import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
-from caption.errors import CaptionError, cli_guard
+from caption.errors import CaptionError
 from caption.inference import caption_line, decode_bank, grounding_metrics
 from caption.metrics import bleu, coco_metrics
+from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 
 log = logging.getLogger(__name__)
@@ -205,8 +205,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-@cli_guard
+@hydra_command("caption-evaluate", "evaluate")
 def main(cfg: DictConfig) -> None:
     metrics = evaluate(cfg)
     print(format_table(metrics))

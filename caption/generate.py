@@ -8,14 +8,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
-from caption.config import CONF_DIR, check_decoding, check_float, check_int, resolve_device
+from caption.config import check_decoding, check_float, check_int, resolve_device
 from caption.data.images import expand_images
-from caption.errors import cli_guard
 from caption.inference import caption_files, caption_line
+from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 
 log = logging.getLogger(__name__)
@@ -69,8 +68,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     return {"captioned": captioned, "failed": failed}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
-@cli_guard
+@hydra_command("caption-generate", "generate")
 def main(cfg: DictConfig) -> None:
     result = generate(cfg)
     if result["failed"]:

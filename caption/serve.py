@@ -25,15 +25,15 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from caption.checkpoint import load_captioner
-from caption.config import CONF_DIR, check_choice, check_float, check_int, resolve_device
+from caption.config import check_choice, check_float, check_int, resolve_device
 from caption.data.images import image_tensor
-from caption.errors import CaptionError, cli_guard
+from caption.errors import CaptionError
+from caption.overrides import hydra_command
 from caption.report import attention_record, render_page
 from caption.runtime import configure_cpu
 from caption.visualize import attention_views
@@ -303,8 +303,7 @@ def check_port(host: str, port: int) -> None:
         ) from None
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="serve")
-@cli_guard
+@hydra_command("caption-serve", "serve")
 def main(cfg: DictConfig) -> None:
     app = create_app(cfg)
     check_port(cfg.host, cfg.port)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
-from caption.config import CONF_DIR, check_group_overrides, check_train_config
+from caption.config import check_train_config
 from caption.data.dataset import (
     CaptionBatch,
     CaptionDataset,
@@ -52,9 +51,10 @@ from caption.distributed import (
     init_distributed,
     shutdown,
 )
-from caption.errors import CaptionError, cli_guard, first_line
+from caption.errors import CaptionError, first_line
 from caption.inference import score_bank
 from caption.models.captioner import Captioner
+from caption.overrides import hydra_command
 from caption.resume import StopSignals, capture_rng, restore_rng, resume_path, sync_metrics
 from caption.runtime import configure_cpu
 from caption.speed import Precision, compile_model, images_to_device, to_channels_last
@@ -601,16 +601,8 @@ def _interrupted(name: str | None, progress: dict[str, Any], run_dir: Path, dist
     return {"run_dir": str(run_dir), "steps": progress["step"], "interrupted": name}
 
 
-@cli_guard
-def main() -> None:
-    """`caption-train`: unknown config-group options are refused in one line, then Hydra."""
-    check_group_overrides(sys.argv[1:])
-    _hydra_main()
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-@cli_guard
-def _hydra_main(cfg: DictConfig) -> float:
+@hydra_command("caption-train", "train")
+def main(cfg: DictConfig) -> float:
     summary = train(cfg)
     if summary.get("interrupted"):  # saved; exit as the signal would have, 128 + its number
         sys.exit(128 + signal.Signals[summary["interrupted"]].value)

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,16 +38,17 @@ from PIL import Image
 from torch import Tensor
 
 from caption.checkpoint import load_captioner
-from caption.config import CONF_DIR, check_choice, check_decoding, check_int, resolve_device
+from caption.config import check_choice, check_decoding, check_int, resolve_device
 from caption.data.formats import read_split
 from caption.data.images import MAX_PIXELS, expand_images, read_rgb
 from caption.data.karpathy import SPLITS
 from caption.data.vocab import Vocabulary
-from caption.errors import CaptionError, cli_guard
+from caption.errors import CaptionError
 from caption.inference import caption_files
 from caption.models.attention import HardAttention
 from caption.models.captioner import Captioner, Generated
 from caption.models.local import LocalAttention
+from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 
 log = logging.getLogger(__name__)
@@ -468,8 +468,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     return {"written": written, "failed": failed}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="visualize")
-@cli_guard
+@hydra_command("caption-visualize", "visualize")
 def main(cfg: DictConfig) -> None:
     import matplotlib
 

@@ -11,8 +11,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from caption.checkpoint import load_captioner, load_checkpoint, save_checkpoint
-from caption.config import check_group_overrides
 from caption.errors import CaptionError
+from caption.overrides import check_group_overrides
 from caption.train import train
 from tests.conftest import compose_config, run
 
