@@ -560,7 +560,14 @@ DECODERS: dict[str, dict[str, Any]] = {
     "tanh-output,relu-score": {"deep_output_activation": "tanh", "score": "relu"},
     "input-feeding,general": {"input_feeding": True, "score": "general"},
     "local": {"attention": "local"},
-    "local-monotonic,dot": {"attention": "local", "alignment": "monotonic", "score": "dot"},
+    # D = 2: in a window two cells wide, an L1 Gaussian gives the same α as the squared
+    # distance (|d + 1| − |d| = (d + 1)² − d² for −1 < d < 0), so D = 1 alone cannot tell them.
+    "local-monotonic,dot,D=2": {
+        "attention": "local",
+        "alignment": "monotonic",
+        "score": "dot",
+        "window": 2,
+    },
     "two-heads,scaled-dot": {"heads": 2, "score": "scaled_dot"},
     "no-gate,zero-init,no-deep-output": {
         "gate": False,
