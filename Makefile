@@ -1,4 +1,4 @@
-# make demo | make test | make lint | make bench
+# make demo | make test | make lint | make bench | make mutants
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ CHROMIUM ?= /usr/bin/chromium
 DEMO := outputs/demo
 SHAPES := data/shapes/dataset_shapes.json
 
-.PHONY: venv demo test lint format bench bench-web clean chromium
+.PHONY: venv demo test lint format bench bench-web clean chromium mutants
 
 # torch/torchvision come from this machine's local wheels; `pip install -e .[dev]` pins them.
 $(STAMP): pyproject.toml
@@ -43,6 +43,10 @@ chromium:
 
 test: $(STAMP) chromium
 	CAPTION_CHROMIUM=$(CHROMIUM) $(BIN)/pytest
+
+# Plants each known-wrong equation of tests/mutants/*.toml and checks that its tests fail.
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -36,11 +36,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def make_score(name: str, query_dim: int, key_dim: int, seed: int = 0) -> nn.Module:
-    """The score as `conf/model/score/<name>.yaml` builds it."""
+def make_score(
+    name: str, query_dim: int, key_dim: int, seed: int = 0, **options: object
+) -> nn.Module:
+    """The score as `conf/model/score/<name>.yaml` builds it, with `options` overriding it."""
     torch.manual_seed(seed)
     partial = instantiate(OmegaConf.load(CONF / "model" / "score" / f"{name}.yaml"))
-    return partial(query_dim=query_dim, key_dim=key_dim)
+    return partial(query_dim=query_dim, key_dim=key_dim, **options)
 
 
 def inputs(query_dim: int, key_dim: int, seed: int = 1) -> tuple[Tensor, Tensor]:
@@ -110,8 +112,8 @@ def test_general_is_bilinear_einsum(H: int, D: int) -> None:
 def test_additive_is_the_mlp_formula(activation: str, grad: bool) -> None:
     """v_aᵀ act(W_a a_i + U_a h) + b_v, whether computed in one piece (training) or in chunks
     of cache-sized rows (inference), and through 2σ(2x) − 1 for tanh."""
-    score = make_score("additive", 12, D)
-    score.activation, score.scale = activation, 2.0 if activation == "tanh" else 1.0
+    # Built with the activation, not switched afterwards: the constructor sets the fold.
+    score = make_score("additive", 12, D, activation=activation)
     h, a = inputs(12, D)
     W, U, v = score.key_proj, score.query_proj, score.v
     act = torch.tanh if activation == "tanh" else torch.relu
