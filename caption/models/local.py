@@ -35,8 +35,8 @@ class LocalAttention(SoftAttention):
 
     Coordinates are cell-centre ones: cell (i, j) (row i, column j, row-major index i*S + j)
     has centre c = (i + 0.5, j + 0.5), so p_t = (p_y, p_x) lies in [0, S]². The window is the
-    square of cells with |c_y − p_y| ≤ D and |c_x − p_x| ≤ D, plus the cell containing p_t so
-    that it is never empty. Inside it,
+    square of cells with |c_y − p_y| ≤ D and |c_x − p_x| ≤ D. It is never empty: the cell
+    containing p_t has its centre within 0.5 of p_t on each axis, and D ≥ 1. Inside it,
 
         α_i ∝ softmax_window(e)_i · exp(−‖c_i − p_t‖² / (2σ²)),  renormalised to sum to 1,
 
@@ -149,7 +149,6 @@ class LocalAttention(SoftAttention):
         cell = p.detach().floor().long().clamp(0, S - 1)  # (B, 2)
         here = cell[:, 0] * S + cell[:, 1]  # (B,) row-major index
         inside = (offset.detach().abs() <= self.window).all(dim=-1)  # (B, L) the square window
-        inside = inside.scatter(1, here.unsqueeze(1), True)  # never empty
         log_gauss = -offset.pow(2).sum(dim=-1) / (2 * self.sigma**2)  # (B, L)
         logits = self.score(query, memory.keys) + log_gauss
         alpha = logits.masked_fill(~inside, float("-inf")).softmax(dim=-1)  # 0 outside exactly
