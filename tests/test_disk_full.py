@@ -16,11 +16,16 @@ import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from caption.checkpoint import load_checkpoint, save_checkpoint
+from caption.data.dataset import ImageBank
+from caption.data.features import FeatureBank
+from caption.data.karpathy import read_karpathy
 from caption.files import WriteError, atomic_file, write_failure
+from caption.models.encoder import Encoder
 from tests.conftest import ROOT, TINY_MODEL, run
 
 Mount = Callable[[int], Path]
@@ -203,7 +208,8 @@ CACHE_SCRIPT = textwrap.dedent(
     from caption.data.dataset import ImageBank
     from caption.data.features import FeatureBank
     from caption.data.karpathy import read_karpathy
-        from caption.models.encoder import Encoder
+    from caption.errors import CaptionError
+    from caption.models.encoder import Encoder
 
     torch.manual_seed(0)
     encoder = Encoder("small_cnn", fine_tune=False, channels=[8, 64])
@@ -250,16 +256,23 @@ def test_feature_cache_on_a_full_disk(small_fs: Mount, tiny_shapes: Path) -> Non
 
 
 def test_half_written_cache_entry_is_not_trusted(tiny_shapes: Path, tmp_path: Path) -> None:
-    first = build_cache(tiny_shapes, tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    entry = Path(first.stdout.strip())
+    torch.manual_seed(0)
+    encoder = Encoder("small_cnn", fine_tune=False, channels=[8, 16])
+    bank = ImageBank(read_karpathy(tiny_shapes)["val"], image_size=64, preload=False)
+    with torch.no_grad():
+        live = encoder(torch.stack([bank[i] for i in range(len(bank))]).float() / 255)
+    entry = FeatureBank.build(encoder, bank, tmp_path, dtype="float32").folder
     features = entry / "features.npy"
-    # A crash before the rename: only the temporary file is there, with garbage in it.
-    os.replace(features, entry / "features.tmp.npy")
-    assert build_cache(tiny_shapes, tmp_path).returncode == 0  # rebuilt, right values
-    # A file cut short afterwards (by hand, a copy that ran out of room): rebuilt, not read.
     size = features.stat().st_size
+    # A build killed before its rename: only the temporary file, garbage in it, is there.
+    os.replace(features, entry / "features.tmp.npy")
+    np.save(entry / "features.tmp.npy", np.full((len(bank), *live.shape[1:]), 7.0, np.float32))
+    cached = FeatureBank.build(encoder, bank, tmp_path, dtype="float32")
+    torch.testing.assert_close(cached[3], live[3])  # rebuilt, not read
+    del cached
+    # A file cut short afterwards (a copy that ran out of room): rebuilt, not mapped.
     os.truncate(features, size // 2)
-    rebuilt = build_cache(tiny_shapes, tmp_path)
-    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    cached = FeatureBank.build(encoder, bank, tmp_path, dtype="float32")
     assert features.stat().st_size == size
+    torch.testing.assert_close(cached[len(bank) - 1], live[-1])
+    assert sorted(p.name for p in entry.iterdir()) == ["features.npy", "meta.json"]
