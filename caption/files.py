@@ -146,3 +146,65 @@ def remove_quietly(path: Path) -> None:
     hide the error that is being reported."""
     with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)
+
+
+class PartialLines:
+    """A file of lines written as they come, under `<path>.partial` until it is complete.
+
+    Each `write` goes to disk at once (a long job's results so far survive a crash); the file
+    gets its real name only when the block ends without error, so a reader never takes a cut
+    file for a whole one. A write that fails cuts the partial file back to its last whole
+    line and raises a `WriteError` saying how many lines it keeps.
+
+    Args:
+        path: the file to write in the end; an old one stays until the new one is complete.
+        what: what a line holds, for the message (`captions`).
+    """
+
+    def __init__(self, path: str | Path, what: str = "lines") -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.what = what
+        self.lines = 0
+        self._size = 0  # bytes of whole lines on disk
+        self._fd = -1
+
+    def __enter__(self) -> PartialLines:
+        with reported_write(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        return self
+
+    def write(self, lines: list[str]) -> None:
+        """Append `lines` (each ending in a newline) and hand them to the OS."""
+        data = "".join(lines).encode()
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            with contextlib.suppress(OSError):  # cutting needs no space
+                os.ftruncate(self._fd, self._size)
+            raise WriteError(self.path, *self._failure(e)) from e
+        self._size += len(data)
+        self.lines += len(lines)
+
+    def _failure(self, e: OSError) -> tuple[str, str, int | None]:
+        reason, code = write_failure(e) or (str(e), None)
+        if not self.lines:
+            return reason, advice(code), code
+        kept = f"the first {self.lines} {self.what} are in {self.partial}"
+        return reason, f"{kept}: {advice(code)}", code
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        fd, self._fd = self._fd, -1
+        try:
+            if kind is None:
+                with reported_write(self.path):
+                    os.fsync(fd)
+                    os.replace(self.partial, self.path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            if kind is not None and not self.lines:  # nothing worth keeping
+                remove_quietly(self.partial)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,14 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from caption.checkpoint import load_checkpoint, save_checkpoint
+from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
 from caption.data.dataset import ImageBank
 from caption.data.features import FeatureBank
 from caption.data.karpathy import read_karpathy
+from caption.data.vocab import Vocabulary
+from caption.evaluate import evaluate
 from caption.files import WriteError, atomic_file, write_failure
+from caption.generate import generate
 from caption.models.encoder import Encoder
-from tests.conftest import ROOT, TINY_MODEL, run
+from caption.visualize import visualize
+from tests.conftest import ROOT, TINY_MODEL, compose_config, run
 
 Mount = Callable[[int], Path]
 
@@ -276,3 +282,119 @@ def test_half_written_cache_entry_is_not_trusted(tiny_shapes: Path, tmp_path: Pa
     assert features.stat().st_size == size
     torch.testing.assert_close(cached[len(bank) - 1], live[-1])
     assert sorted(p.name for p in entry.iterdir()) == ["features.npy", "meta.json"]
+
+
+# --- caption-generate, caption-evaluate, caption-visualize -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny captioner's checkpoint: what a command loads, made in a moment."""
+    cfg = compose_config(
+        "train",
+        [
+            f"data.annotations={tiny_shapes}",
+            f"data.images={tiny_shapes.parent}",
+            "run_dir=unused",
+            *TINY_MODEL,
+        ],
+    )
+    records = read_karpathy(tiny_shapes)["train"]
+    vocab = Vocabulary.build(c for r in records for c in r.captions)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(vocab))
+    path = tmp_path_factory.mktemp("checkpoint") / "model.pt"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    save_checkpoint(path, model=model.state_dict(), config=config, vocab=vocab.itos)
+    return path
+
+
+def test_generate_keeps_the_whole_lines_it_wrote(
+    small_fs: Mount, checkpoint: Path, tiny_shapes: Path, tmp_path: Path
+) -> None:
+    args = [
+        f"checkpoint={checkpoint}",
+        f"images={tiny_shapes.parent / 'images'}",
+        "strategy=greedy",
+        "max_len=8",
+        "batch_size=8",
+        "device=cpu",
+    ]
+    roomy = tmp_path / "all.jsonl"
+    done = generate(compose_config("generate", [*args, f"output={roomy}"]))
+    total = len(roomy.read_text().splitlines())
+    assert total == done["captioned"] == 96 and leftovers(tmp_path) == []
+
+    folder = small_fs(8)
+    fill(folder, leave=4096)  # one page: some dozens of the 96 lines
+    out = folder / "captions.jsonl"
+    with pytest.raises(WriteError) as caught:
+        generate(compose_config("generate", [*args, f"output={out}"]))
+    message = one_line(caught.value)
+    partial = folder / "captions.jsonl.partial"
+    match = re.fullmatch(
+        rf"{out}: cannot be written \(no space left on device\); the first (\d+) captions "
+        rf"are in {partial}: free some space and run again",
+        message,
+    )
+    assert match, message
+    lines = partial.read_text().splitlines(keepends=True)
+    assert 0 < len(lines) == int(match[1]) < total
+    assert all(line.endswith("\n") and json.loads(line)["caption"] for line in lines)
+    assert lines == roomy.read_text().splitlines(keepends=True)[: len(lines)]
+    assert not out.exists()  # nothing under the real name that could pass for complete
+
+
+def test_evaluate_says_which_files_it_wrote(
+    small_fs: Mount, checkpoint: Path, tiny_shapes: Path, tmp_path: Path
+) -> None:
+    folder = small_fs(64)
+    fill(folder)
+    metrics = tmp_path / "eval_test.json"
+    coco = folder / "coco.json"
+    cfg = compose_config(
+        "evaluate",
+        [
+            f"checkpoint={checkpoint}",
+            f"output={metrics}",
+            f"coco_results={coco}",
+            "split=test",
+            "strategy=greedy",
+            "max_len=8",
+            "coco_metrics=false",
+            "device=cpu",
+        ],
+    )
+    with pytest.raises(WriteError) as caught:
+        evaluate(cfg)
+    assert one_line(caught.value) == (
+        f"{coco}: cannot be written (no space left on device); free some space and run "
+        f"again, or pass coco_results=<another file>; {metrics} written"
+    )
+    assert json.loads(metrics.read_text())["n_images"] == 16  # the first file is whole
+    assert not coco.exists() and leftovers(folder) == []
+
+
+def test_visualize_says_how_many_figures_it_wrote(
+    small_fs: Mount, checkpoint: Path, tiny_shapes: Path, tmp_path: Path
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    one = (tiny_shapes.parent / "images" / "test_00000.png").read_bytes()
+    for name in "abc":  # the same image thrice: three figures of the same size
+        (images / f"{name}.png").write_bytes(one)
+    args = [f"checkpoint={checkpoint}", f"images={images}", "strategy=greedy", "max_len=4"]
+    args += ["dpi=40", "device=cpu"]
+    roomy = tmp_path / "figures"
+    visualize(compose_config("visualize", [*args, f"output_dir={roomy}"]))
+    size = (roomy / "a.png").stat().st_size
+    folder = small_fs(-(-size * 5 // 2 // 4096) * 4)  # room for two figures, not three
+    out = folder / "figures"
+    with pytest.raises(WriteError) as caught:
+        visualize(compose_config("visualize", [*args, f"output_dir={out}"]))
+    assert one_line(caught.value) == (
+        f"{out / 'c.png'}: cannot be written (no space left on device); 2 figure(s) before "
+        f"it are in {out}: free some space and run again"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png"]
+    assert (out / "b.png").read_bytes() == (roomy / "b.png").read_bytes()
