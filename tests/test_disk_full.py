@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import subprocess
@@ -30,6 +31,7 @@ from caption.data.vocab import Vocabulary
 from caption.evaluate import evaluate
 from caption.files import WriteError, atomic_file, write_failure
 from caption.generate import generate
+from caption.logfile import RunLogFile
 from caption.models.encoder import Encoder
 from caption.visualize import visualize
 from tests.conftest import ROOT, TINY_MODEL, compose_config, run
@@ -158,6 +160,29 @@ def test_write_failure_reads_through_torch_and_leaves_other_errors(tmp_path: Pat
     with pytest.raises(ValueError), atomic_file(tmp_path / "x"):
         raise ValueError("a bug")  # not reported as a write failure
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_log_on_a_full_disk_is_one_warning(
+    small_fs: Mount, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = small_fs(16)
+    handler = RunLogFile(folder / "train.log")
+    logger = logging.getLogger("test_disk_full.log")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("before")
+        fill(folder)
+        for i in range(200):  # pages past the first need room there is not
+            logger.warning("line %d %s", i, "x" * 60)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert capsys.readouterr().err == (
+        f"warning: {folder / 'train.log'}: cannot be written (no space left on device); "
+        "the log continues on stderr only\n"
+    )
+    assert (folder / "train.log").read_text().startswith("before\n")
 
 
 # --- caption-train end to end ----------------------------------------------------------------
