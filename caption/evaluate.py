@@ -16,6 +16,7 @@ from caption.data.formats import check_images, read_split
 from caption.data.karpathy import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
 from caption.errors import CaptionError
+from caption.files import WriteError, advice, atomic_file
 from caption.inference import caption_line, decode_bank, grounding_metrics
 from caption.metrics import bleu, coco_metrics
 from caption.overrides import hydra_command
@@ -137,7 +138,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics = {**_rounded(metrics), "n_images": len(records), "split": cfg.split}
         results = Path(cfg.results)
         output = Path(cfg.output or results.with_name(f"{results.stem}_eval_{cfg.split}.json"))
-        _write_json(output, metrics)
+        _write(output, json.dumps(metrics, indent=2) + "\n", "output", [])
         return metrics
 
     check_decoding(cfg)
@@ -172,19 +173,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "beam_size": cfg.beam_size if cfg.strategy == "beam" else 1,
     }
     output = Path(cfg.output) if cfg.output else default_output(cfg.checkpoint, cfg.split)
-    _write_json(output, metrics)
+    written: list[Path] = []  # named if a later write fails: those files are whole
+    _write(output, json.dumps(metrics, indent=2) + "\n", "output", written)
     coco = Path(cfg.coco_results or output.with_name(f"captions_{cfg.split}_coco.json"))
-    _write_json(
-        coco,
-        [
-            {"image_id": r.imgid, "caption": " ".join(c["tokens"])}
-            for r, c in zip(bank.records, captions, strict=True)
-        ],
-    )
+    results = [
+        {"image_id": r.imgid, "caption": " ".join(c["tokens"])}
+        for r, c in zip(bank.records, captions, strict=True)
+    ]
+    _write(coco, json.dumps(results, indent=2) + "\n", "coco_results", written)
     if cfg.captions:
-        with open(cfg.captions, "w") as f:
-            for record, c in zip(bank.records, captions, strict=True):
-                f.write(caption_line(record.path, c["tokens"], c["log_prob"]))
+        lines = [
+            caption_line(record.path, c["tokens"], c["log_prob"])
+            for record, c in zip(bank.records, captions, strict=True)
+        ]
+        _write(Path(cfg.captions), "".join(lines), "captions", written)
     return metrics
 
 
@@ -192,9 +194,22 @@ def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
-def _write_json(path: Path, content: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2) + "\n")
+def _write(path: Path, text: str, key: str, written: list[Path]) -> None:
+    """Write one output file whole or not at all, and add it to `written`.
+
+    Args:
+        path: the file.
+        text: its content.
+        key: the option that names it, for the error: `output`, `coco_results`, `captions`.
+        written: the files this run wrote before, named in the error.
+    """
+    try:
+        with atomic_file(path) as f:
+            f.write(text)
+    except WriteError as e:
+        done = f"; {', '.join(map(str, written))} written" if written else ""
+        raise e.with_hint(f"{advice(e.errno)}, or pass {key}=<another file>{done}") from e
+    written.append(path)
     log.info("wrote %s", path)
 
 

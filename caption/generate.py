@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from omegaconf import DictConfig
 from caption.checkpoint import load_captioner
 from caption.config import check_decoding, check_float, check_int, resolve_device
 from caption.data.images import expand_images
+from caption.files import PartialLines
 from caption.inference import caption_files, caption_line
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Caption every image `cfg.images` names; bad files are reported and skipped.
 
-    Each output line is `{"image": path, "caption": str, "log_prob": float}`.
+    Each output line is `{"image": path, "caption": str, "log_prob": float}`. With `output=`,
+    lines go to `<output>.partial` batch by batch, renamed to `output` once all are done; a
+    write that fails (a full disk) keeps the whole lines so far there and says how many.
 
     Returns:
         `{"captioned": n, "failed": [paths]}`.
@@ -37,8 +39,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     files = expand_images(cfg.images)
     size = train_cfg.data.image_size
     captioned, failed = 0, []
-    sink = open(cfg.output, "w") if cfg.output else nullcontext(sys.stdout)  # noqa: SIM115
-    with sink as out:
+    # A file grows under <output>.partial and gets its name when every image is done.
+    with PartialLines(cfg.output, "captions") if cfg.output else _Stdout() as out:
         batches = caption_files(
             model,
             files,
@@ -53,11 +55,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             temperature=cfg.temperature,
         )
         for good, gen in batches:
-            for path, tokens, log_prob in zip(
-                good, gen.tokens.tolist(), gen.log_probs.tolist(), strict=True
-            ):
-                out.write(caption_line(path, vocab.decode(tokens), log_prob))
-            out.flush()
+            out.write(
+                [
+                    caption_line(path, vocab.decode(tokens), log_prob)
+                    for path, tokens, log_prob in zip(
+                        good, gen.tokens.tolist(), gen.log_probs.tolist(), strict=True
+                    )
+                ]
+            )
             captioned += len(good)
     log.info(
         "captioned %d image(s)%s%s",
@@ -66,6 +71,20 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         f"; wrote {Path(cfg.output)}" if cfg.output else "",
     )
     return {"captioned": captioned, "failed": failed}
+
+
+class _Stdout:
+    """Caption lines to stdout, a batch at a time (the interface of `PartialLines`)."""
+
+    def __enter__(self) -> _Stdout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def write(self, lines: list[str]) -> None:
+        sys.stdout.write("".join(lines))
+        sys.stdout.flush()
 
 
 @hydra_command("caption-generate", "generate")

@@ -5,15 +5,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ from caption.distributed import (
     shutdown,
 )
 from caption.errors import CaptionError, first_line
+from caption.files import WriteError, atomic_file
 from caption.inference import score_bank
 from caption.models.captioner import Captioner
 from caption.overrides import hydra_command
@@ -240,8 +243,8 @@ def _copy_metrics(ckpt_path: Path, run_dir: Path) -> None:
     target = run_dir / "metrics.jsonl"
     fresh = ckpt_path.parent.name == "checkpoints" and not target.exists()
     if fresh and source.is_file() and source.resolve() != target.resolve():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        with atomic_file(target) as f:
+            f.write(source.read_text())
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -373,22 +376,29 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
         del ckpt
     progress.update(world_size=dist.world_size, batch_size=cfg.data.batch_size)
 
+    # The checkpoint a resume would continue from, named if a later write fails.
+    intact = _Intact.resumed(ckpt_path, run_dir, progress["step"])
+
     def save(name: str, row: dict[str, Any] | None = None) -> None:
         """Write a checkpoint of the run as it stands (every rank calls it: RNG is gathered)."""
+        nonlocal intact
         rng = gather_objects(dist, capture_rng())
         if not dist.is_main:
             return
-        save_checkpoint(
-            ckpt_dir / name,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            config=config,
-            vocab=vocab.itos,
-            progress=progress,
-            rng=rng,
-            metrics=row,
-        )
+        with intact.reported():
+            save_checkpoint(
+                ckpt_dir / name,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                config=config,
+                vocab=vocab.itos,
+                progress=progress,
+                rng=rng,
+                metrics=row,
+            )
+        if name == "last.pt":
+            intact = _Intact(ckpt_dir / name, progress["step"], run_dir)
 
     if t.compile:  # after loading weights: compiling wraps methods, not the state dict
         compile_model(model)
@@ -503,8 +513,8 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
                 save("best.pt", row)
             save("last.pt", row)
             if dist.is_main:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                with intact.reported():
+                    _append_row(metrics_file, row)
             if t.patience and progress["bad_epochs"] >= t.patience:
                 log.info("early stopping: no val BLEU-4 gain in %d epochs", t.patience)
                 stop = True
@@ -523,7 +533,8 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
         "overrides": _overrides(),
     }
     if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with intact.reported(), atomic_file(run_dir / "summary.json") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
     log.info("done: %s", json.dumps(summary))
     return summary
 
@@ -588,6 +599,57 @@ def _report_skipped(skipped: tuple[str, ...], strict: bool) -> int:
     for reason in skipped:
         log.warning("%s; skipped", reason)
     return len(skipped)
+
+
+@dataclass(frozen=True)
+class _Intact:
+    """The checkpoint that a resume continues from while later writes fail.
+
+    Attributes:
+        path: the file (`<run dir>/checkpoints/last.pt`, or the one this run resumed from);
+            None until the run has saved one.
+        step: the optimizer step it holds.
+        resume: what to pass as `resume=` to continue from it.
+    """
+
+    path: Path | None = None
+    step: int = 0
+    resume: Path | None = None
+
+    @classmethod
+    def resumed(cls, ckpt_path: Path | None, run_dir: Path, step: int) -> _Intact:
+        """Before the first save: the checkpoint this run resumed from, if any."""
+        if ckpt_path is None:
+            return cls()
+        own = ckpt_path.resolve() == (run_dir / "checkpoints" / "last.pt").resolve()
+        return cls(ckpt_path, step, run_dir if own else ckpt_path)
+
+    def hint(self) -> str:
+        """How to continue after a failed write."""
+        if self.path is None:
+            return "no checkpoint of this run was written yet: once there is room, run it again"
+        return (
+            f"{self.path}, from step {self.step}, is intact: once there is room, continue "
+            f"with caption-train resume={self.resume}"
+        )
+
+    @contextlib.contextmanager
+    def reported(self) -> Iterator[None]:
+        """A `WriteError` in the block, told how to continue from this checkpoint."""
+        try:
+            yield
+        except WriteError as e:
+            raise e.with_hint(self.hint()) from e.__cause__
+
+
+def _append_row(metrics_file: Path, row: dict[str, Any]) -> None:
+    """Add one epoch's row to `metrics.jsonl`, atomically: a disk that fills up mid-write
+    leaves the rows before it, never a cut line (the file is one short row per epoch)."""
+    before = metrics_file.read_text() if metrics_file.is_file() else ""
+    if before and not before.endswith("\n"):  # a line cut short by an older version
+        before = before[: before.rfind("\n") + 1]
+    with atomic_file(metrics_file) as f:
+        f.write(before + json.dumps(row) + "\n")
 
 
 def _interrupted(name: str | None, progress: dict[str, Any], run_dir: Path, dist: Dist) -> dict:

@@ -21,10 +21,11 @@ is never shown twice in a notebook and is freed when dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,6 +45,7 @@ from caption.data.images import MAX_PIXELS, expand_images, read_rgb
 from caption.data.karpathy import SPLITS
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError
+from caption.files import WriteError, advice, atomic_file
 from caption.inference import caption_files
 from caption.models.attention import HardAttention
 from caption.models.captioner import Captioner, Generated
@@ -442,21 +444,23 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
                 columns=cfg.columns,
             )
             target = output_dir / _output_name(path, taken)
-            fig.savefig(target, dpi=cfg.dpi, facecolor="white")
+            with _reported(written, output_dir), atomic_file(target, "wb") as f:
+                fig.savefig(f, format="png", dpi=cfg.dpi, facecolor="white")
             written.append(str(target))
             print(target, flush=True)
     if html:
         decoding = f"beam {cfg.beam_size}" if cfg.strategy == "beam" else cfg.strategy
         source = f"{cfg.split} split" if cfg.split else str(cfg.images)
         target = output_dir / cfg.report_file
-        size = report.write_report(
-            target,
-            items,
-            title=f"Attention of {Path(cfg.checkpoint).name} on {source}",
-            subtitle=f"{cfg.checkpoint} · {decoding} · {len(items)} images"
-            + (f" · {len(failed)} unreadable" if failed else ""),
-            page_size=cfg.page_size,
-        )
+        with _reported(written, output_dir):
+            size = report.write_report(
+                target,
+                items,
+                title=f"Attention of {Path(cfg.checkpoint).name} on {source}",
+                subtitle=f"{cfg.checkpoint} · {decoding} · {len(items)} images"
+                + (f" · {len(failed)} unreadable" if failed else ""),
+                page_size=cfg.page_size,
+            )
         written.append(str(target))
         print(f"{target} ({size / 1e6:.1f} MB, {len(items)} images)", flush=True)
     log.info(
@@ -466,6 +470,16 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         f", {len(failed)} image(s) failed" if failed else "",
     )
     return {"written": written, "failed": failed}
+
+
+@contextlib.contextmanager
+def _reported(written: list[str], output_dir: Path) -> Iterator[None]:
+    """A failed write of a figure or the report, with what was written before it."""
+    try:
+        yield
+    except WriteError as e:
+        done = f"{len(written)} figure(s) before it are in {output_dir}: " if written else ""
+        raise e.with_hint(f"{done}{advice(e.errno)}") from e
 
 
 @hydra_command("caption-visualize", "visualize")

@@ -8,10 +8,13 @@ the preprocessing, the image files), so a change to any of them builds a new ent
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from caption.data.dataset import ImageBank, ImageDataset
 from caption.data.karpathy import ImageRecord
-from caption.errors import CaptionError
+from caption.errors import CaptionError, first_line
+from caption.files import atomic_file, remove_quietly, write_failure
 
 log = logging.getLogger(__name__)
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -114,37 +118,37 @@ class FeatureBank:
                 "model.encoder.fine_tune=false, or data.feature_cache=false"
             )
         folder = Path(root) / cache_key(encoder, images, dtype)
-        if (folder / "features.npy").is_file():
+        if _complete(folder / "features.npy"):
             log.info("feature cache: reading %d images from %s", len(images), folder)
             return cls(folder, images.records)
-        folder.mkdir(parents=True, exist_ok=True)
         was_training = encoder.training
         encoder.eval()
-        loader = DataLoader(ImageDataset(images), batch_size=batch_size, num_workers=num_workers)
-        tmp = folder / "features.tmp.npy"
-        out = None
-        with torch.no_grad(), np.errstate(over="ignore"):
-            for pixels, index in loader:
-                a = encoder(pixels.to(device).float().div_(255))  # (B, L, D)
-                if out is None:  # the grid is known after the first batch
-                    shape = (len(images), *a.shape[1:])
-                    out = np.lib.format.open_memmap(
-                        tmp, mode="w+", dtype=DTYPES[dtype], shape=shape
-                    )
-                chunk = a.cpu().numpy().astype(DTYPES[dtype])
-                if not np.isfinite(chunk).all():  # float16 tops out at 65504
-                    raise CaptionError(
-                        f"data.feature_cache: annotation vectors overflow "
-                        f"{dtype}; use data.feature_cache_dtype=float32"
-                    )
-                out[index.numpy()] = chunk
-        encoder.train(was_training)
-        if out is None:
-            raise CaptionError(f"data.feature_cache: no images to encode into {folder}")
-        out.flush()
-        del out
-        os.replace(tmp, folder / "features.npy")  # a half-built entry never looks complete
-        (folder / "meta.json").write_text(
+        try:
+            with _reported(folder):
+                _write_entry(encoder, images, folder, dtype, batch_size, num_workers, device)
+        finally:
+            encoder.train(was_training)
+        log.info("feature cache: encoded %d images into %s", len(images), folder)
+        return cls(folder, images.records)
+
+
+def _write_entry(
+    encoder: torch.nn.Module,
+    images: ImageBank,
+    folder: Path,
+    dtype: str,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | str,
+) -> None:
+    """Encode `images` into the entry `folder`; its `features.npy` appears only when whole.
+
+    The vectors go into a temporary file, renamed to `features.npy` last: that name is the
+    entry's completion marker, so an entry cut short (a kill, a full disk) is never read.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / "meta.json") as f:
+        f.write(
             json.dumps(
                 {
                     "images": len(images),
@@ -153,5 +157,84 @@ class FeatureBank:
                 }
             )
         )
-        log.info("feature cache: encoded %d images into %s", len(images), folder)
-        return cls(folder, images.records)
+    loader = DataLoader(ImageDataset(images), batch_size=batch_size, num_workers=num_workers)
+    tmp = folder / "features.tmp.npy"
+    out = None
+    with torch.no_grad(), np.errstate(over="ignore"):
+        for pixels, index in loader:
+            a = encoder(pixels.to(device).float().div_(255))  # (B, L, D)
+            if out is None:  # the grid is known after the first batch
+                shape = (len(images), *a.shape[1:])
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPES[dtype], shape=shape)
+                _allocate(tmp)
+            chunk = a.cpu().numpy().astype(DTYPES[dtype])
+            if not np.isfinite(chunk).all():  # float16 tops out at 65504
+                raise CaptionError(
+                    f"data.feature_cache: annotation vectors overflow "
+                    f"{dtype}; use data.feature_cache_dtype=float32"
+                )
+            out[index.numpy()] = chunk
+    if out is None:
+        raise CaptionError(f"data.feature_cache: no images to encode into {folder}")
+    out.flush()
+    del out
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())  # on disk before the name says it is complete
+    os.replace(tmp, folder / "features.npy")
+
+
+def _allocate(path: Path) -> None:
+    """Reserve the blocks of a sparse file that a memory map will fill.
+
+    Writing a memory map on a full disk does not raise: the process dies of SIGBUS. Reserved
+    up front, the space is there, or ENOSPC is raised now, before any encoding.
+    """
+    if not hasattr(os, "posix_fallocate"):  # not on macOS: the map is written unreserved
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot
+            raise
+    finally:
+        os.close(fd)
+
+
+def _complete(features: Path) -> bool:
+    """Whether `features.npy` is there and holds all the bytes its header promises.
+
+    `_write_entry` renames it into place only when whole, but a file cut short by other means
+    (a copy that ran out of room, a disk error) must be rebuilt, not read: NumPy refuses to map
+    a file shorter than its header says.
+    """
+    if not features.is_file():
+        return False
+    try:
+        np.load(features, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        log.warning("feature cache: %s is incomplete (%s); rebuilding it", features, first_line(e))
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _reported(folder: Path) -> Iterator[None]:
+    """A failed write while building the entry `folder`: remove what was written and say so
+    in one line, with the config keys that move or turn off the cache."""
+    try:
+        yield
+    except BaseException as e:  # a Ctrl-C too leaves no temporary file
+        failure = write_failure(e, folder) if isinstance(e, Exception) else None
+        if isinstance(e, CaptionError):
+            failure = None
+        for name in ("features.tmp.npy", "meta.json"):
+            remove_quietly(folder / name)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty: never an entry another run completed
+        if failure is None:
+            raise
+        raise CaptionError(
+            f"data.feature_cache_dir: {folder}: cannot be written ({failure[0]}); free space, "
+            "set data.feature_cache_dir=<a folder with room>, or data.feature_cache=false"
+        ) from e
