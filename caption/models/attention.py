@@ -105,7 +105,8 @@ class HardAttention(SoftAttention):
         coin: flip that coin per `image` (the paper) or once per `batch` (the authors' code).
         reward_weight: λ_r (the authors' code hard-codes 0.1).
         entropy_weight: λ_e (the authors' code uses 0.002).
-        baseline_decay: b_k = decay · b_{k−1} + (1 − decay) · mean reward_k (paper: 0.9).
+        baseline_decay: b_k = decay · b_{k−1} + (1 − decay) · R_k, R_k the mean reward of
+            batch k's sampled sequences, those not on the expectation (paper: 0.9).
         reward: the reward R(s̃) that the baseline tracks: `caption`, the caption's
             log-likelihood log p(y|s̃,a) (the paper), or `word`, its mean per word
             log p(y|s̃,a) / T (the authors' code, whose baseline averages the per-word NLL).
