@@ -164,8 +164,8 @@ class Captioner(nn.Module):
         of the estimator: λ_r (R − b) log p(s̃|a) + λ_e Σ_t H[α_t]; then b moves.
 
         R is detached: it weighs ∂log p(s̃|a) and is not itself differentiated (its gradient is
-        the NLL term's). The advantage uses b from before this batch's update, so that b is a
-        constant with respect to s̃ and the estimator stays unbiased.
+        the NLL term's). The advantage uses b from before this batch's update: b must not depend
+        on this batch's s̃, or the estimator is biased.
         """
         attention = self.decoder.attention
         reward = -per_caption(token_nll).detach()  # (B,) R = log p(y | s̃, a)
