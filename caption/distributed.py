@@ -136,7 +136,9 @@ def average_buffers(d: Dist, module: torch.nn.Module) -> None:
     """Average floating-point buffers (the hard-attention baseline, BatchNorm statistics).
 
     Each rank moves its buffers with its own batch; averaging keeps them identical on every
-    rank, and for equal batches the baseline equals the one a single process would keep.
+    rank. The hard-attention baseline moves with the mean reward of a rank's sampled captions,
+    so it equals the one a single process would keep when every rank sampled as many
+    captions (always so with `expectation_prob=0`), and is an equal-weight average otherwise.
     """
     if not d.enabled:
         return

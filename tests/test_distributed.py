@@ -46,7 +46,9 @@ def test_epoch_sampler_resumes_inside_the_epoch() -> None:
     assert sorted(i for s in two for i in s) == sorted(whole[6:])
 
 
-def _train(run_dir: Path, shapes: Path, nproc: int, batch_size: int, cache: Path) -> None:
+def _train(
+    run_dir: Path, shapes: Path, nproc: int, batch_size: int, cache: Path, extra: list[str]
+) -> None:
     args = [
         f"data.annotations={shapes}",
         f"data.images={shapes.parent}",
@@ -70,6 +72,7 @@ def _train(run_dir: Path, shapes: Path, nproc: int, batch_size: int, cache: Path
         f"data.feature_cache_dir={cache}",
         "data.feature_cache_dtype=float32",
         *TINY_MODEL,
+        *extra,
     ]
     if nproc == 1:
         cmd = [str(BIN / "caption-train"), *args]
@@ -87,14 +90,24 @@ def _train(run_dir: Path, shapes: Path, nproc: int, batch_size: int, cache: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+# Hard attention with N = 2 samples per image, every caption on the expected context (so that
+# the ranks' sampling cannot differ from one process's): each sample's words must count.
+HARD_SAMPLES = [
+    "model/attention=hard",
+    "model.attention.samples=2",
+    "model.attention.expectation_prob=1",
+]
+
+
 @pytest.mark.slow
 @pytest.mark.cli
+@pytest.mark.parametrize("extra", [[], HARD_SAMPLES], ids=["soft", "hard-samples"])
 def test_two_gloo_processes_match_one_process_on_the_combined_batch(
-    tiny_shapes: Path, tmp_path: Path
+    tiny_shapes: Path, tmp_path: Path, extra: list[str]
 ) -> None:
     cache = tmp_path / "cache"
-    _train(tmp_path / "one", tiny_shapes, nproc=1, batch_size=16, cache=cache)
-    _train(tmp_path / "two", tiny_shapes, nproc=2, batch_size=8, cache=cache)
+    _train(tmp_path / "one", tiny_shapes, nproc=1, batch_size=16, cache=cache, extra=extra)
+    _train(tmp_path / "two", tiny_shapes, nproc=2, batch_size=8, cache=cache, extra=extra)
     one = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)
     two = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)
     assert one["progress"]["step"] == two["progress"]["step"] == 3
@@ -106,7 +119,7 @@ def test_two_gloo_processes_match_one_process_on_the_combined_batch(
             diffs = max(diffs, (two["model"][name] - p).abs().max().item())
             torch.testing.assert_close(two["model"][name], p, rtol=0, atol=1e-5)
     # Against a model that trained differently, the same check fails: batch 8 on one process.
-    _train(tmp_path / "half", tiny_shapes, nproc=1, batch_size=8, cache=cache)
+    _train(tmp_path / "half", tiny_shapes, nproc=1, batch_size=8, cache=cache, extra=extra)
     half = torch.load(tmp_path / "half/checkpoints/last.pt", weights_only=True)["model"]
     worst = max((half[k] - p).abs().max().item() for k, p in one["model"].items())
     print(f"one vs two processes: max diff {diffs}; one vs batch 8: {worst}")

@@ -126,9 +126,10 @@ def test_baseline_reduces_the_estimator_variance() -> None:
 def test_baseline_moving_average_is_a_buffer() -> None:
     att = micro_model("model.attention.baseline_decay=0.9").decoder.attention
     assert isinstance(att, HardAttention)
-    att.update_baseline(torch.tensor(-10.0))
+    yes = torch.tensor([True])
+    att.update_baseline(torch.tensor([-10.0]), yes)
     assert att.baseline.item() == pytest.approx(-10.0)  # the first update starts b at the reward
-    att.update_baseline(torch.tensor(-20.0))
+    att.update_baseline(torch.tensor([-20.0]), yes)
     assert att.baseline.item() == pytest.approx(0.9 * -10 + 0.1 * -20)
     state = micro_model().state_dict()
     assert "decoder.attention.baseline" in state and "decoder.attention.baseline_updates" in state
@@ -136,14 +137,15 @@ def test_baseline_moving_average_is_a_buffer() -> None:
 
 def test_baseline_survives_a_state_dict_round_trip() -> None:
     model = micro_model()
-    model.decoder.attention.update_baseline(torch.tensor(-3.5))
+    model.decoder.attention.update_baseline(torch.tensor([-3.5]), torch.tensor([True]))
     other = micro_model(seed=9)
     other.load_state_dict(model.state_dict())
     assert other.decoder.attention.baseline.item() == pytest.approx(-3.5)
     assert other.decoder.attention.baseline_updates.item() == 1
 
 
-def test_the_loss_updates_the_baseline_after_the_advantage() -> None:
+def test_training_moves_the_baseline_and_evaluation_does_not() -> None:
+    # What b moves to, and that the advantage uses b from before: tests/test_hard_estimator.py.
     model = micro_model()
     image, caption = example()
     att = model.decoder.attention
@@ -170,6 +172,7 @@ def test_expected_rows_use_the_expectation_and_skip_the_score_term() -> None:
     model = micro_model("model.attention.expectation_prob=1.0")
     image, caption = example()
     out = model(image.expand(3, -1, -1, -1), caption.expand(3, -1))
+    assert not out.sampled.any()  # every caption's context is the expectation
     assert (out.location_log_probs == 0).all()  # no sampled cell: no REINFORCE term
     assert (out.entropies > 0).all()
 
@@ -220,21 +223,7 @@ def test_hard_attention_overfits_one_batch() -> None:
     assert losses.nll.item() < 0.1, losses.nll.item()
 
 
-@pytest.mark.parametrize("reward", ["caption", "word"])
-def test_reward_is_the_caption_or_per_word_log_likelihood(reward: str) -> None:
-    model = micro_model(f"model.attention.reward={reward}")
-    image, _ = example()
-    images = image.expand(2, -1, -1, -1)
-    captions = torch.tensor([[START_ID, 7, 8, END_ID], [START_ID, 9, END_ID, PAD_ID]])
-    locations = torch.tensor([[3, 5, 0], [1, 2, 0]])  # fixed cells: a deterministic reward
-    out = model(images, captions, locations=locations)
-    targets = captions[:, 1:]
-    log_p = out.logits.log_softmax(-1).gather(2, targets.unsqueeze(-1)).squeeze(-1)
-    log_p_y = (log_p * (targets != PAD_ID)).sum(1)  # (2,) log p(y | s, a)
-    expected = log_p_y if reward == "caption" else log_p_y / torch.tensor([3.0, 2.0])
-    model.loss(images, captions, locations=locations)
-    # The first update starts b at the batch's mean reward.
-    assert model.decoder.attention.baseline.item() == pytest.approx(expected.mean().item())
+# The reward per caption or per word, and what the baseline averages: test_hard_estimator.py.
 
 
 def test_unknown_reward_is_refused() -> None:

@@ -26,6 +26,10 @@ class AttentionOutput(NamedTuple):
     # (B, 2) p_t = (row, col) in cell units, local attention only: with its `window` radius
     # that is enough to outline the window a word was allowed to look at.
     position: Tensor | None = None
+    # (B,) bool, hard attention only: the context is the one cell a_{s_t}, not the expectation
+    # Σ_i α_i a_i. In training these are the sequences whose coin said "sample": only their
+    # rewards say anything about log p(y | s̃, a), so only they move the baseline.
+    sampled: Tensor | None = None
 
 
 def expectation(alpha: Tensor, annotations: Tensor) -> Tensor:
@@ -101,7 +105,8 @@ class HardAttention(SoftAttention):
         coin: flip that coin per `image` (the paper) or once per `batch` (the authors' code).
         reward_weight: λ_r (the authors' code hard-codes 0.1).
         entropy_weight: λ_e (the authors' code uses 0.002).
-        baseline_decay: b_k = decay · b_{k−1} + (1 − decay) · mean reward_k (paper: 0.9).
+        baseline_decay: b_k = decay · b_{k−1} + (1 − decay) · R_k, R_k the mean reward of
+            batch k's sampled sequences, those not on the expectation (paper: 0.9).
         reward: the reward R(s̃) that the baseline tracks: `caption`, the caption's
             log-likelihood log p(y|s̃,a) (the paper), or `word`, its mean per word
             log p(y|s̃,a) / T (the authors' code, whose baseline averages the per-word NLL).
@@ -195,18 +200,29 @@ class HardAttention(SoftAttention):
                 location = alpha.argmax(dim=-1)
         expected = expectation(alpha, annotations)  # (B·K, D) Σ_i α_i a_i
         image = torch.arange(B * K, device=annotations.device) // K  # each query's image
-        sampled = annotations[image, location]  # (B·K, D) a_s
-        context = torch.where(expect.unsqueeze(1), expected, sampled)
+        cell = annotations[image, location]  # (B·K, D) a_s
+        context = torch.where(expect.unsqueeze(1), expected, cell)
         # Only sampled cells take part in the REINFORCE term.
         log_prob = log_alpha.gather(1, location.unsqueeze(1)).squeeze(1).masked_fill(expect, 0.0)
         entropy = -(alpha * log_alpha).sum(dim=-1)  # (B,) H[α_t]
-        return AttentionOutput(context, alpha, location, log_prob, entropy)
+        return AttentionOutput(context, alpha, location, log_prob, entropy, sampled=~expect)
 
     @torch.no_grad()
-    def update_baseline(self, reward: Tensor) -> None:
-        """b ← decay · b + (1 − decay) · reward; the first update starts b at the reward."""
-        if self.baseline_updates == 0:
-            self.baseline.copy_(reward)
-        else:
-            self.baseline.mul_(self.baseline_decay).add_((1 - self.baseline_decay) * reward)
-        self.baseline_updates += 1
+    def update_baseline(self, reward: Tensor, sampled: Tensor) -> None:
+        """b_k = decay · b_{k−1} + (1 − decay) · R_k, R_k the mean reward of the sampled sequences.
+
+        Sequences that used the expected context did not draw s̃, so their log-likelihood is
+        not a sample of the reward the baseline estimates; without a sampled sequence b stays.
+        The first update starts b at R_k rather than decaying from 0. No host sync: the
+        update is a `where`, not a branch on `sampled.any()`.
+
+        Args:
+            reward: (B,) R = log p(y | s̃, a) (or per word), detached.
+            sampled: (B,) bool, the sequences that drew their locations.
+        """
+        count = sampled.sum()
+        R = torch.where(sampled, reward, 0.0).sum() / count.clamp(min=1)  # mean over sampled
+        moved = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * R
+        moved = torch.where(self.baseline_updates == 0, R, moved)
+        self.baseline.copy_(torch.where(count > 0, moved, self.baseline))
+        self.baseline_updates += (count > 0).long()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import HardAttention
-from caption.models.decoder import Decoder, DecoderOutput, DecoderStep
+from caption.models.decoder import Decoder, DecoderOutput, DecoderStep, PackedOutput
 from caption.models.self_attention import AnnotationSelfAttention
 
 STRATEGIES = ("greedy", "beam", "sample")
@@ -33,7 +33,9 @@ class Generated(NamedTuple):
 class Losses(NamedTuple):
     loss: Tensor  # what is minimised
     nll: Tensor  # mean negative log-likelihood per word
-    attention_reg: Tensor  # doubly stochastic penalty, before its weight λ
+    # Σ_i (1 − Σ_t α_ti)², the doubly stochastic penalty before λ, averaged over captions (for
+    # logging); the loss adds λ × its sum over captions / words, the NLL's normalisation.
+    attention_reg: Tensor
 
 
 class Captioner(nn.Module):
@@ -44,7 +46,8 @@ class Captioner(nn.Module):
         attention: builds the attention (`model/attention`), see `Decoder`.
         score: builds the score function (`model/score`).
         vocab_size: V.
-        doubly_stochastic: λ of the penalty λ Σ_i (1 - Σ_t α_ti)² (0 switches it off).
+        doubly_stochastic: λ of the penalty λ Σ_i (1 - Σ_t α_ti)² (0 switches it off): the
+            authors' alpha_c, see `loss` for the normalisation.
         encoder_self_attention: options of `AnnotationSelfAttention` (`layers`, `heads`,
             `ff_dim`, `dropout`): self-attention over the annotation vectors before decoding.
         **decoder_kwargs: the remaining `Decoder` options.
@@ -107,52 +110,76 @@ class Captioner(nn.Module):
         """Masked word NLL, the doubly stochastic penalty and, for hard attention, the
         surrogate whose gradient is the Monte Carlo estimator of ∂L_s/∂W (Xu et al. eq. 12).
 
-        Every term is divided by the number of words in the batch, so that the loss scale does
-        not depend on caption lengths; for hard attention that is a constant factor on the
-        estimator 1/N Σ_n [..].
+        Normalisation: every term is summed over the captions and divided by the number of
+        words W, so that the loss scale does not depend on caption lengths. The loss is thus
+        the authors' objective (eq. 14 as in arctic-captions: the per-caption summed NLL plus
+        alpha_c Σ_i (1 − Σ_t α_ti)², averaged over captions) times captions / W, a positive
+        constant: `doubly_stochastic` is exactly the authors' alpha_c, and NLL and penalty keep
+        their relative weight. For hard attention the same factor scales the estimator
+        1/N Σ_n [..]; with N > 1 samples per image, every sample's words count in W.
 
         Args:
             images: (B, 3, S, S).
             captions: (B, T) `<start> .. <end> <pad>..`.
-            locations: (B, T-1) cells to force, for hard attention (tests use it to enumerate).
+            locations: (B, T-1) cells to force, for hard attention (tests use it to enumerate);
+                with N > 1 samples, (B·N, T-1) forces each sample's path (image-major).
             totals: (2,) the words and images of the whole data-parallel step, all ranks
-                together, to divide by instead of this batch's own: then the sum of the ranks'
-                gradients is the gradient of their combined batch. None: this batch alone.
+                together, each image counted once, to divide by instead of this batch's own:
+                then the sum of the ranks' losses (and gradients) is that of their combined
+                batch. None: this batch alone.
         """
         annotations = self.encode(images)
         attention = self.decoder.attention
         hard = isinstance(attention, HardAttention) and self.training
-        if hard and attention.samples > 1:  # N location samples per image share one encoding
-            annotations = annotations.repeat_interleave(attention.samples, dim=0)
-            captions = captions.repeat_interleave(attention.samples, dim=0)
+        N = attention.samples if hard else 1  # location samples per image
+        if N > 1:  # the N samples of an image share one encoding
+            annotations = annotations.repeat_interleave(N, dim=0)
+            captions = captions.repeat_interleave(N, dim=0)
+            if locations is not None and len(locations) != len(captions):
+                locations = locations.repeat_interleave(N, dim=0)
         # Packed: only real words are decoded and scored, so padding cannot count.
         out = self.decoder.packed(annotations, captions, locations)
-        B, L = annotations.shape[:2]
-        n_words = len(out.targets) if totals is None else totals[0]
-        token_nll = F.cross_entropy(out.logits, out.targets, reduction="none")  # (N,)
+        B, L = annotations.shape[:2]  # B = images × N
+        # W and the caption count of the whole step; `totals` counts each image once.
+        n_words = len(out.targets) if totals is None else totals[0] * N
+        n_captions = B if totals is None else totals[1] * N
+        token_nll = F.cross_entropy(out.logits, out.targets, reduction="none")  # (n,)
         nll = token_nll.sum() / n_words
 
-        def per_caption(x: Tensor) -> Tensor:  # (N, ...) -> (B, ...) summed over steps
+        def per_caption(x: Tensor) -> Tensor:  # (n, ...) -> (B, ...) summed over steps
             return x.new_zeros(B, *x.shape[1:]).index_add(0, out.rows, x)
 
         # Σ_t α_ti over the real steps: each location should be looked at about once.
         mass = per_caption(out.alphas)  # (B, L)
-        reg = ((1.0 - mass) ** 2).sum(dim=1)  # (B,)
-        # Per image: the job's images times the N samples each image was repeated into.
-        reg = reg.mean() if totals is None else reg.sum() / (totals[1] * len(reg) / len(images))
-        loss = nll + self.doubly_stochastic * reg
+        penalty = ((1.0 - mass) ** 2).sum(dim=1)  # (B,) Σ_i (1 − Σ_t α_ti)²
+        loss = nll + self.doubly_stochastic * penalty.sum() / n_words  # the NLL's normalisation
         if hard:
-            reward = -per_caption(token_nll).detach()  # (B,) R = log p(y | s̃, a)
-            if attention.reward == "word":  # the authors' code: the mean per-word log-likelihood
-                reward = reward / per_caption(torch.ones_like(token_nll))
-            log_p_s = per_caption(out.location_log_probs)  # (B,) log p(s̃ | a)
-            entropy = per_caption(out.entropies)  # (B,) Σ_t H[α_t]
-            advantage = reward - attention.baseline  # computed before b moves
-            surrogate = attention.reward_weight * advantage * log_p_s
-            surrogate = surrogate + attention.entropy_weight * entropy
-            loss = loss - surrogate.sum() / n_words
-            attention.update_baseline(reward.mean())
-        return Losses(loss, nll, reg)
+            loss = loss - self._surrogate(out, token_nll, per_caption).sum() / n_words
+        return Losses(loss, nll, penalty.sum() / n_captions)
+
+    def _surrogate(
+        self, out: PackedOutput, token_nll: Tensor, per_caption: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        """Per caption (B,), the term whose gradient is the score-function and entropy part
+        of the estimator: λ_r (R − b) log p(s̃|a) + λ_e Σ_t H[α_t]; then b moves.
+
+        R is detached: it weighs ∂log p(s̃|a) and is not itself differentiated (its gradient is
+        the NLL term's). The advantage uses b from before this batch's update: b must not depend
+        on this batch's s̃, or the estimator is biased.
+        """
+        attention = self.decoder.attention
+        reward = -per_caption(token_nll).detach()  # (B,) R = log p(y | s̃, a)
+        if attention.reward == "word":  # the authors' code: the mean per-word log-likelihood
+            reward = reward / per_caption(torch.ones_like(token_nll))
+        log_p_s = per_caption(out.location_log_probs)  # (B,) log p(s̃ | a), 0 where expected
+        entropy = per_caption(out.entropies)  # (B,) Σ_t H[α_t]
+        advantage = reward - attention.baseline  # b from before this batch
+        surrogate = attention.reward_weight * advantage * log_p_s
+        surrogate = surrogate + attention.entropy_weight * entropy
+        # One coin per caption: a caption sampled if its steps did.
+        sampled = per_caption(out.sampled.to(reward.dtype)) > 0  # (B,)
+        attention.update_baseline(reward, sampled)
+        return surrogate
 
     @torch.no_grad()
     def generate(

@@ -29,6 +29,7 @@ class DecoderOutput(NamedTuple):
     location_log_probs: Tensor | None  # (B, T-1) log p(s_t | a), hard attention only
     entropies: Tensor | None  # (B, T-1) H[α_t], hard attention only
     positions: Tensor | None = None  # (B, T-1, 2) local attention's p_t (row, col) in cells
+    sampled: Tensor | None = None  # (B, T-1) bool: looked at one cell a_s, hard attention only
 
 
 class PackedOutput(NamedTuple):
@@ -48,6 +49,9 @@ class PackedOutput(NamedTuple):
     targets: Tensor  # (N,) the word each row predicts, never `<pad>`
     rows: Tensor  # (N,) the caption (row of the input batch) of each packed row
     steps: Tensor  # (N,) its step t
+    # (N,) bool, hard attention only: the step looked at one cell a_s rather than the expected
+    # context (one coin per caption in training, so constant along a caption)
+    sampled: Tensor | None = None
 
 
 class Decoder(nn.Module):
@@ -271,6 +275,7 @@ class Decoder(nn.Module):
             targets[order].t()[live],
             grid_rows[live],
             grid_steps[live],
+            packed("sampled"),
         )
 
     def forward(
@@ -302,4 +307,5 @@ class Decoder(nn.Module):
             padded(out.location_log_probs, 0.0),
             padded(out.entropies, 0.0),
             padded(out.positions, math.nan),
+            padded(out.sampled, False),
         )
