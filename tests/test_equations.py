@@ -615,9 +615,10 @@ class GridEncoder(nn.Module):
 @pytest.mark.parametrize("lam", [0.0, 0.5])
 def test_padded_batch_loss_counts_real_words_only(lam: float) -> None:
     """Xu et al. eq. 14 over a padded batch: NLL = Σ_b Σ_{t ≤ n_b} −log p(y_t) / Σ_b n_b,
-    with every caption's `<end>` and no `<pad>`, and the penalty
-    λ · 1/B Σ_b Σ_i (1 − Σ_{t ≤ n_b} α_ti)² over real steps only, each caption decoded on its
-    own without padding."""
+    with every caption's `<end>` and no `<pad>`, and the penalty λ Σ_b Σ_i (1 − Σ_{t ≤ n_b} α_ti)²
+    over real steps only, divided by the same word count (the authors' objective times B / Σ n_b,
+    so λ is their alpha_c), each caption decoded on its own without padding. The logged
+    `attention_reg` is the penalty per caption."""
     torch.manual_seed(0)
     model = Captioner(
         GridEncoder(D),
@@ -639,9 +640,9 @@ def test_padded_batch_loss_counts_real_words_only(lam: float) -> None:
         log_p = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
         nll = nll - sum(log_p[t, captions[b, t + 1]] for t in range(n))
         penalty = penalty + ((1 - alpha.sum(dim=0)) ** 2).sum()
-    nll, penalty = nll / sum(LENGTHS), penalty / B
+    words = sum(LENGTHS)
     assert_same_function(
         [losses.nll, losses.attention_reg, losses.loss],
-        [nll, penalty, nll + lam * penalty],
+        [nll / words, penalty / B, (nll + lam * penalty) / words],
         leaves_of(model, images=images),
     )
