@@ -169,10 +169,12 @@ class Captioner(nn.Module):
         Args:
             images: (B, 3, S, S), uint8 or [0, 1] float.
             strategy: `greedy`, `beam` or `sample`.
-            beam_size: beams per image, for `beam`.
+            beam_size: live hypotheses per image, for `beam`; any size works, and 1 is greedy
+                decoding (see `_beam` for what the search keeps and returns).
             max_len: the most words per caption, `<end>` included.
             temperature: softmax temperature, for `sample`.
-            length_penalty: for `beam`, rank finished captions by log p / len^this (0 = raw).
+            length_penalty: for `beam`, rank finished captions by log p / len^this, len counting
+                `<end>` (0 = raw log p).
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -233,12 +235,13 @@ class Captioner(nn.Module):
         """Beam search over all images at once: the live hypotheses of every image still being
         searched advance as one batch.
 
-        Each image keeps K live hypotheses (fewer at first, while fewer than K exist). At every
-        step each live hypothesis is extended by every word; the `<end>` extensions are set
-        aside as finished candidates, and the K most likely other extensions stay live. Of the
-        finished candidates only the best so far is kept per image, ranked by
-        log p / len^length_penalty, len counting `<end>`; a finished caption is never pushed out
-        by live ones, and a candidate of log p = -inf (only forbidden words left) never counts.
+        Each image keeps K live hypotheses. At every step each live hypothesis is extended by
+        every word; the `<end>` extensions are set aside as finished candidates, and the K most
+        likely other extensions stay live (all k·V of them while k·V < K; when K exceeds the
+        possible captions, hypotheses of log p = -inf, ending in a forbidden word, fill the
+        rest and never win). Of the finished candidates only the best so far is kept per image,
+        ranked by log p / len^length_penalty, len counting `<end>`: a finished caption is never
+        pushed out by live ones, and a -inf one never counts as finished.
 
         An image's search ends at `max_len` or, with length_penalty == 0, as soon as its best
         finished score is at least every live score: live scores only fall as words are added,
@@ -388,7 +391,9 @@ class _Backpointers:
         fields = tuple(f.unflatten(0, (n, -1)) if f is not None else None for f in fields)
         self.steps.append((images, parent, word, fields))
 
-    def trace(self, ids: Tensor, last: Tensor, row: Tensor, word: Tensor) -> tuple[Tensor | None]:
+    def trace(
+        self, ids: Tensor, last: Tensor, row: Tensor, word: Tensor
+    ) -> tuple[Tensor | None, ...]:
         """Read back the captions of images `ids` (m,) whose last word `word` (m,) was emitted
         at step `last` (m,) by hypothesis `row` (m,) of that step.
 
