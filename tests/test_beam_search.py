@@ -265,3 +265,49 @@ def test_early_stopping_returns_what_running_to_max_len_returns() -> None:
         assert words_of(gen.tokens[b]) == best_of(finished, 0.0)[1], b
     assert rows[0] == B
     assert sum(rows) < B + B * K * (max_len - 1)  # less than a search run to max_len decodes
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model/attention=hard"],
+        ["model/attention=local"],
+        ["model/attention=local_monotonic"],
+        ["model.heads=2"],
+        ["model.input_feeding=true"],
+    ],
+    ids=lambda o: ",".join(o) or "default",
+)
+@pytest.mark.parametrize("K", [3, 50])
+def test_every_attention_batched_equals_one_at_a_time(overrides: list[str], K: int) -> None:
+    """Settling, dropping images and tracing back keep each image's caption, attention and
+    log p (that of the caption under teacher forcing) whatever the attention, for K < V and
+    K > V alike."""
+    cfg = compose_config("train", [*TINY_MODEL, *overrides]).model
+    for seed in range(20):  # the first model whose images settle at different steps
+        torch.manual_seed(seed)
+        model = build_model(cfg, vocab_size=12).eval()
+        with torch.no_grad():
+            model.decoder.L_o.weight.mul_(4.0)
+            model.decoder.L_o.bias.normal_()
+        # Cached-feature inputs: the annotation vectors of a 4 x 4 grid.
+        images = 3 * torch.randn(6, 16, model.encoder.out_dim).relu()
+        gen = model.generate(images, strategy="beam", beam_size=K, max_len=6)
+        if len({len(words_of(t)) for t in gen.tokens}) > 1:
+            break
+    else:
+        pytest.fail("no model whose images settle at different steps")
+    for b in range(len(images)):
+        one = model.generate(images[b : b + 1], strategy="beam", beam_size=K, max_len=6)
+        n = one.tokens.shape[1]
+        assert gen.tokens[b, :n].tolist() == one.tokens[0].tolist()
+        assert (gen.tokens[b, n:] == PAD_ID).all()
+        torch.testing.assert_close(gen.alphas[b, :n], one.alphas[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gen.betas[b, :n], one.betas[0], atol=1e-5, rtol=1e-4)
+        assert torch.equal(gen.locations[b, :n], one.locations[0])
+        if gen.positions is not None:
+            torch.testing.assert_close(gen.positions[b, :n], one.positions[0], equal_nan=True)
+        words = words_of(one.tokens[0])
+        (forced,) = teacher_forced(model, model.encode(images[b : b + 1]), [words])
+        assert one.log_probs[0].item() == pytest.approx(forced, abs=1e-4)
