@@ -308,6 +308,14 @@ def test_every_attention_batched_equals_one_at_a_time(overrides: list[str], K: i
         assert torch.equal(gen.locations[b, :n], one.locations[0])
         if gen.positions is not None:
             torch.testing.assert_close(gen.positions[b, :n], one.positions[0], equal_nan=True)
+        # Each word's attention is the one it was emitted with: that of teacher forcing.
         words = words_of(one.tokens[0])
-        (forced,) = teacher_forced(model, model.encode(images[b : b + 1]), [words])
+        a = model.encode(images[b : b + 1])
+        (forced,) = teacher_forced(model, a, [words])
         assert one.log_probs[0].item() == pytest.approx(forced, abs=1e-4)
+        with torch.no_grad():
+            tf = model.decoder(a, torch.tensor([[START_ID, *words]]))
+        torch.testing.assert_close(one.alphas[0], tf.alphas[0], atol=1e-5, rtol=1e-4)
+        assert torch.equal(one.locations[0], tf.locations[0])
+        if tf.positions is not None:
+            torch.testing.assert_close(one.positions[0], tf.positions[0], atol=1e-5, rtol=1e-4)
