@@ -23,7 +23,7 @@ import torch
 
 from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
-from caption.models.captioner import Captioner
+from caption.models.captioner import Captioner, Generated
 from tests.conftest import TINY_MODEL, compose_config
 
 V = 6  # <pad> <start> <end> <unk> and two words
@@ -75,7 +75,9 @@ def random_annotations(seed: int, B: int = 1) -> torch.Tensor:
     return (3 * torch.randn(B, L, D, generator=g, dtype=torch.float64)).relu()  # (B, L, D)
 
 
-def beam(model: Captioner, a: torch.Tensor, K: int, max_len: int, penalty: float = 0.0):
+def beam(
+    model: Captioner, a: torch.Tensor, K: int, max_len: int, penalty: float = 0.0
+) -> Generated:
     return model.generate(a, strategy="beam", beam_size=K, max_len=max_len, length_penalty=penalty)
 
 
