@@ -290,6 +290,10 @@ def phase_paper_train(args: argparse.Namespace, work: Path, device: torch.device
 def phase_paper_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = paper_model().to(device).eval()
+    # With random weights `<end>` alone is the likeliest caption, and beam search, which keeps
+    # finished captions, would settle after two steps: without `<end>` every caption is 16 words.
+    with torch.no_grad():
+        model.decoder.L_o.bias[END_ID] = float("-inf")
     L = PAPER["grid"] ** 2
     features = torch.randn(args.paper_decode_images, L, PAPER["D"], device=device).relu_()
     result = {"images": args.paper_decode_images, "max_len": 16}

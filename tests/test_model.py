@@ -141,59 +141,10 @@ def test_beam_scores_are_sequence_log_probabilities() -> None:
     model = tiny_model(seed=4).eval()
     images, _ = random_batch(B=4, seed=5)
     gen = model.generate(images, strategy="beam", beam_size=4, max_len=12)
+    # log_probs are those of the returned captions under teacher forcing, <end> included.
     assert torch.allclose(gen.log_probs, sequence_log_prob(model, images, gen.tokens), atol=1e-4)
-    # A wider beam never finds a less likely caption than greedy decoding, which it contains.
-    greedy = model.generate(images, strategy="greedy", max_len=12)
-    ended = (greedy.tokens == END_ID).any(1) & (gen.tokens == END_ID).any(1)
-    assert (gen.log_probs[ended] >= greedy.log_probs[ended] - 1e-5).all()
-
-
-def exhaustive_beam(
-    model: Captioner, image: torch.Tensor, K: int, max_len: int, length_penalty: float
-) -> list[int]:
-    """Textbook beam search for one image, every hypothesis on its own, run to `max_len`."""
-    dec = model.decoder
-    a = model.encode(image)  # (1, L, D)
-    memory = dec.attention.prepare(a)
-    beams = [(0.0, [START_ID], dec.init_state(a))]  # (log p, words, decoder state)
-    for _ in range(max_len):
-        candidates = []
-        for score, words, state in beams:
-            if words[-1] in (END_ID, PAD_ID):  # finished: <pad> is its only continuation
-                candidates.append((score, [*words, PAD_ID], state))
-                continue
-            step = dec.step(torch.tensor([words[-1]]), state, a, memory)
-            logits = step.logits[0].clone()
-            logits[[PAD_ID, START_ID]] = float("-inf")
-            for w, lp in enumerate(logits.log_softmax(-1).tolist()):
-                candidates.append((score + lp, [*words, w], step.state))
-        beams = sorted(candidates, key=lambda c: -c[0])[:K]
-    captions = [(score, [w for w in words[1:] if w != PAD_ID]) for score, words, _ in beams]
-    finished = [c for c in captions if c[1][-1] == END_ID] or captions
-    return max(finished, key=lambda c: c[0] / len(c[1]) ** length_penalty)[1]
-
-
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_beam_settles_images_early_with_the_exhaustive_result(length_penalty: float) -> None:
-    """An image leaves the batch once its result is settled: it must be the one a search run
-    to `max_len` returns, for less decoding."""
-    model = tiny_model(seed=12).eval()
-    images, _ = random_batch(B=24, seed=13)
-    K, max_len = 3, 8
-    rows = []
-    step = model.decoder.step
-    model.decoder.step = lambda y, *args, **kw: rows.append(len(y)) or step(y, *args, **kw)
-    gen = model.generate(
-        images, strategy="beam", beam_size=K, max_len=max_len, length_penalty=length_penalty
-    )
-    del model.decoder.step
-    for b in range(len(images)):
-        expected = exhaustive_beam(model, images[b : b + 1], K, max_len, length_penalty)
-        assert [w for w in gen.tokens[b].tolist() if w != PAD_ID] == expected, b
-    assert rows[0] == len(images)  # the first step runs once per image, not K times
-    if length_penalty == 0:
-        assert (gen.tokens == END_ID).any(1).float().mean() > 0.5  # settling is exercised
-        assert sum(rows) < len(images) * K * max_len  # settled images were not decoded further
+    # (Beam search is not guaranteed to beat greedy decoding: greedy's path may be pruned.
+    # What the search does guarantee is checked in tests/test_beam_search.py.)
 
 
 def test_beam_of_one_is_greedy() -> None:
@@ -207,7 +158,9 @@ def test_beam_of_one_is_greedy() -> None:
 def test_beam_without_end_returns_best_unfinished() -> None:
     model = tiny_model(seed=8).eval()
     with torch.no_grad():
-        model.decoder.L_o.bias[END_ID] = -1e4  # <end> becomes unreachable
+        # <end> becomes impossible; a merely unlikely one (finite log p) would be a finished
+        # caption, which beam search prefers to any unfinished one.
+        model.decoder.L_o.bias[END_ID] = float("-inf")
     images, _ = random_batch(B=3, seed=9)
     gen = model.generate(images, strategy="beam", beam_size=3, max_len=6)
     assert gen.tokens.shape == (3, 6)

@@ -196,10 +196,12 @@ class Captioner(nn.Module):
         Args:
             images: (B, 3, S, S), uint8 or [0, 1] float.
             strategy: `greedy`, `beam` or `sample`.
-            beam_size: beams per image, for `beam`.
+            beam_size: live hypotheses per image, for `beam`; any size works, and 1 is greedy
+                decoding (see `_beam` for what the search keeps and returns).
             max_len: the most words per caption, `<end>` included.
             temperature: softmax temperature, for `sample`.
-            length_penalty: for `beam`, rank finished captions by log p / len^this (0 = raw).
+            length_penalty: for `beam`, rank finished captions by log p / len^this, len counting
+                `<end>` (0 = raw log p).
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -257,164 +259,211 @@ class Captioner(nn.Module):
     def _beam(
         self, annotations: Tensor, K: int, max_len: int, length_penalty: float
     ) -> tuple[Tensor, ...]:
-        """Beam search over all images at once: the K hypotheses of every image still being
+        """Beam search over all images at once: the live hypotheses of every image still being
         searched advance as one batch.
 
-        Finished hypotheses stay in the beam, extended by `<pad>` at no cost, so they compete
-        with live ones on their summed log-probability. An image leaves the batch as soon as
-        its result is settled: when all its hypotheses have finished, or, without a length
-        penalty, when its best finished hypothesis scores above every live one (a live score
-        only falls as words are added, so nothing can overtake it). The result is the one a
-        search run to the end would return, at the cost of the words decoded. If no hypothesis
-        of an image reaches `<end>` within `max_len`, its best unfinished one is returned.
+        Each image keeps K live hypotheses. At every step each live hypothesis is extended by
+        every word; the `<end>` extensions are set aside as finished candidates, and the K most
+        likely other extensions stay live (all k·V of them while k·V < K; when K exceeds the
+        possible captions, hypotheses of log p = -inf, ending in a forbidden word, fill the
+        rest and never win). Of the finished candidates only the best so far is kept per image,
+        ranked by log p / len^length_penalty, len counting `<end>`: a finished caption is never
+        pushed out by live ones, and a -inf one never counts as finished.
+
+        An image's search ends at `max_len` or, with length_penalty == 0, as soon as its best
+        finished score is at least every live score: live scores only fall as words are added,
+        so nothing can overtake it, and the result is the one a search run to `max_len` would
+        return. Settled images leave the batch. The result is the best finished candidate; if
+        none could end within `max_len`, the best live hypothesis (all have `max_len` words, so
+        the ranking is that of log p), without `<end>`.
+
+        Returns:
+            tokens, alphas, log_prob, betas, locations and positions (None without a window).
         """
-        B, L, D = annotations.shape
+        B = len(annotations)
         dec = self.decoder
         device = annotations.device
-        # Image b's K hypotheses are rows bK..bK+K-1 of the decoder state; they share the
+        # Image b's hypotheses are consecutive rows of the decoder state; they share the
         # image's annotations and attention memory, which are not copied K times.
         a = annotations  # (n, L, D) of the n images still being searched
         memory = dec.attention.prepare(a)
-        state = dec.init_state(a)  # (B, H): one hypothesis per image, then K
+        state = dec.init_state(a)
         recurrent = dec.recurrent_weight()
-        # The search starts from one hypothesis per image, `<start>`, whose K best next words
-        # seed the K beams: the first step is not run K times over.
-        y = torch.full((B,), START_ID, dtype=torch.long, device=device)
-        scores = annotations.new_zeros(B, 1)
-        done = torch.zeros(B, 1, dtype=torch.bool, device=device)
-        lengths = torch.zeros(B, 1, dtype=torch.long, device=device)  # words before <pad>
+        # The search starts from one hypothesis per image, `<start>`, whose best next words seed
+        # the beams: the first step is not run K times over.
+        y = torch.full((B,), START_ID, dtype=torch.long, device=device)  # (n*k,) last words
+        scores = a.new_zeros(B, 1)  # (n, k) log p of the live hypotheses
         images = torch.arange(B, device=device)  # the input index of each image still searched
+        best = _Finished.none(B, a)
         trail = _Backpointers()
-        settled: list[tuple[Tensor, tuple[Tensor, ...]]] = []  # (images, their results)
+        settled: list[_Result] = []
         for t in range(max_len):
-            n = len(images)
+            n, k = scores.shape  # k: live hypotheses per image, 1 at the first step
             step = dec.step(y, state, a, memory, recurrent)
-            logp = _no_specials(step.logits).log_softmax(-1).view(n, len(y) // n, -1)  # log-probs
-            k, V = logp.shape[1:]  # hypotheses per image: 1 at the first step, then K
-            # A finished hypothesis has one continuation, <pad>, which costs nothing.
-            pad_only = torch.full_like(logp[0, 0], float("-inf"))
-            pad_only[PAD_ID] = 0.0
-            logp = torch.where(done.unsqueeze(-1), pad_only, logp)
-            scores, idx = (scores.unsqueeze(-1) + logp).view(n, k * V).topk(K, dim=-1)  # (n, K)
+            logp = _no_specials(step.logits).log_softmax(-1)  # (n*k, V) log-probs, not logits
+            V = logp.shape[-1]
+            total = scores.unsqueeze(-1) + logp.view(n, k, V)  # (n, k, V) every extension
+            best = best.update(total[..., END_ID], t, length_penalty)
+            total[..., END_ID] = float("-inf")  # set aside: finished captions are not extended
+            # Only k*V extensions exist, fewer than K at first when K > V.
+            scores, idx = total.view(n, k * V).topk(min(K, k * V), dim=-1)  # (n, w)
             parent = torch.div(idx, V, rounding_mode="floor")  # integer division of indices
             word = idx % V
-            rows = (parent + k * torch.arange(n, device=device).unsqueeze(1)).view(-1)  # (n*K,)
-            trail.record(images, parent, word, step, rows)  # word t and its parent's attention
-            done = done.gather(1, parent) | (word == END_ID)
-            lengths = lengths.gather(1, parent) + (word != PAD_ID)
-            finished = done.all(dim=1)  # (n,)
-            if length_penalty == 0:
-                best_done = scores.masked_fill(~done, float("-inf")).amax(dim=1)
-                finished |= best_done > scores.masked_fill(done, float("-inf")).amax(dim=1)
-            if t == max_len - 1:
-                finished[:] = True
-            if finished.any():
-                # Prefer complete captions; fall back to the best unfinished one.
-                ranked = scores / lengths.float().clamp(min=1).pow(length_penalty)
-                complete = ranked.masked_fill(~done, float("-inf"))
-                ranked = torch.where(done.any(1, keepdim=True), complete, ranked)
-                best = ranked[finished].argmax(dim=1)  # (m,)
-                tokens, alphas, betas, locations, positions = trail.trace(finished, best)
-                log_probs = scores[finished, best]
-                settled.append(
-                    (images[finished], (tokens, alphas, log_probs, betas, locations, positions))
-                )
-                if finished.all():
+            trail.record(images, parent, word, step)
+            rows = parent + k * torch.arange(n, device=device).unsqueeze(1)  # (n, w) state rows
+            done = _settled(best, scores, t, max_len, length_penalty)
+            if done is not None:
+                settled.append(best.result(images, scores, parent, word, t, done))
+                if done.all():
                     break
                 # Drop the settled images: every later step works on the rest only.
-                keep = ~finished
-                rows = rows.view(n, K)[keep].view(-1)
-                a = a[keep]
+                keep = ~done
+                rows, word, scores = rows[keep], word[keep], scores[keep]
+                a, images, best = a[keep], images[keep], best.select(keep)
                 memory = dec.attention.select(memory, keep)
-                images, word = images[keep], word[keep]
-                scores, done, lengths = scores[keep], done[keep], lengths[keep]
-            state = tuple(x[rows] for x in step.state)
-            y = word.reshape(-1)
-        return _assemble(settled)
+            state = tuple(x[rows.view(-1)] for x in step.state)
+            y = word.view(-1)
+        return _assemble(settled, trail)
+
+
+def _settled(
+    best: _Finished, scores: Tensor, t: int, max_len: int, length_penalty: float
+) -> Tensor | None:
+    """Which images' results are settled after step t (n,), or None if none is."""
+    if t == max_len - 1:
+        return torch.ones(len(scores), dtype=torch.bool, device=scores.device)
+    if length_penalty != 0:  # dividing by a longer len may still lift a live hypothesis
+        return None
+    # Live scores only fall, and a candidate replaces the best only if strictly better.
+    done = best.rank >= scores.amax(dim=1)
+    return done if done.any() else None
+
+
+class _Result(NamedTuple):
+    """Settled images and what reads their captions back from the backpointers."""
+
+    images: Tensor  # (m,) input indices
+    log_prob: Tensor  # (m,) log p(caption | image)
+    last: Tensor  # (m,) the step of the caption's last word
+    row: Tensor  # (m,) the hypothesis of that step that emitted it
+    word: Tensor  # (m,) that word: `<end>`, or any word when nothing ended
+
+
+class _Finished(NamedTuple):
+    """Per image still searched, the best `<end>` extension formed so far."""
+
+    rank: Tensor  # (n,) log p / len^length_penalty; -inf: none yet
+    log_prob: Tensor  # (n,)
+    step: Tensor  # (n,) the step of its `<end>`; -1: none yet
+    row: Tensor  # (n,) the hypothesis of that step that `<end>` extended
+
+    @staticmethod
+    def none(n: int, like: Tensor) -> _Finished:
+        """No finished candidate yet for n images, scores in `like`'s dtype and device."""
+        minus_inf = like.new_full((n,), float("-inf"))
+        step = torch.full((n,), -1, dtype=torch.long, device=like.device)
+        return _Finished(minus_inf, minus_inf.clone(), step, torch.zeros_like(step))
+
+    def update(self, end: Tensor, t: int, length_penalty: float) -> _Finished:
+        """Keep the better of the best so far and step t's `<end>` extensions `end` (n, k)."""
+        ranked = end / float(t + 1) ** length_penalty  # t + 1 words, `<end>` included
+        rank, row = ranked.max(dim=1)  # (n,)
+        # Strictly better: a -inf candidate never replaces "none yet", ties keep the earlier.
+        better = rank > self.rank
+        return _Finished(
+            torch.where(better, rank, self.rank),
+            torch.where(better, end.gather(1, row.unsqueeze(1)).squeeze(1), self.log_prob),
+            torch.where(better, t, self.step),
+            torch.where(better, row, self.row),
+        )
+
+    def select(self, keep: Tensor) -> _Finished:
+        return _Finished(*(x[keep] for x in self))
+
+    def result(
+        self, images: Tensor, scores: Tensor, parent: Tensor, word: Tensor, t: int, done: Tensor
+    ) -> _Result:
+        """The result of the images `done` (n,) selects, after step t's live `scores`,
+        `parent` and `word` (n, w): the best finished candidate, else the best live one."""
+        found = self.step >= 0
+        live = scores.argmax(dim=1, keepdim=True)  # (n, 1) all live have t + 1 words
+        fields = (
+            torch.where(found, self.log_prob, scores.gather(1, live).squeeze(1)),
+            torch.where(found, self.step, t),
+            torch.where(found, self.row, parent.gather(1, live).squeeze(1)),
+            torch.where(found, END_ID, word.gather(1, live).squeeze(1)),
+        )
+        return _Result(images[done], *(x[done] for x in fields))
 
 
 class _Backpointers:
-    """What each step's hypotheses emitted, and which hypothesis each one extended.
+    """What each step's hypotheses emitted and where they looked, and what each extended.
 
-    Every step appends (n, K) tensors for the n images then being searched, and nothing is
-    copied afterwards; a finished caption is read back by following its parents, from its
-    last step to the first. (Reordering whole histories at every step would copy O(T²).)
+    Step t appends, for the n images then searched, the live words (n, w) and their parent
+    hypotheses (n, w), and the attention of the (n, k) hypotheses that stepped; nothing is
+    copied afterwards. Captions are read back once, at the end, by following parents from the
+    step of each one's last word to the first. (Reordering whole histories at every step would
+    copy O(T²).)
     """
 
     def __init__(self) -> None:
-        self.steps: list[tuple[Tensor, ...]] = []
+        self.steps: list[tuple[Tensor, Tensor, Tensor, tuple[Tensor | None, ...]]] = []
 
-    def record(
-        self, images: Tensor, parent: Tensor, word: Tensor, step: DecoderStep, rows: Tensor
-    ) -> None:
-        """Step t: its images (n,) (ascending), the parent beams (n, K) and words (n, K), and
-        the attention of the parent hypotheses (flat rows `rows` of the step) behind them."""
-        n, K = parent.shape
+    def record(self, images: Tensor, parent: Tensor, word: Tensor, step: DecoderStep) -> None:
+        """Step t: its images (n,) (ascending), the live words (n, w) and the hypotheses of
+        this step (n, k) they extend, and what those hypotheses attended to."""
+        n = len(images)
         att = step.attention
-        position = att.position[rows].view(n, K, 2) if att.position is not None else None
-        fields = (
-            word,
-            att.alpha[rows].view(n, K, -1),
-            step.beta[rows].view(n, K),
-            att.location[rows].view(n, K),
-            position,
-        )
-        self.steps.append((images, parent, *fields))
+        fields = (att.alpha, step.beta, att.location, att.position)
+        fields = tuple(f.unflatten(0, (n, -1)) if f is not None else None for f in fields)
+        self.steps.append((images, parent, word, fields))
 
-    def trace(self, pick: Tensor, beam: Tensor) -> tuple[Tensor | None, ...]:
-        """Follow beam `beam` (m,) of the images `pick` (n,) selects in the last step back
-        to the first.
+    def trace(
+        self, ids: Tensor, last: Tensor, row: Tensor, word: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        """Read back the captions of images `ids` (m,) whose last word `word` (m,) was emitted
+        at step `last` (m,) by hypothesis `row` (m,) of that step.
 
         Returns:
-            tokens (m, t), alphas (m, t, L), betas, locations, and positions or None, with the
-            steps after `<end>` zeroed (NaN positions, -1 locations).
+            tokens (m, T), alphas (m, T, L), betas, locations, and positions or None, for
+            T = max(last) + 1, with `<pad>`, 0, -1 and NaN after each caption's last word.
         """
-        ids = self.steps[-1][0][pick]  # the input indices of the images traced
-        columns: list[tuple[Tensor | None, ...]] = []
-        for images, parent, *fields in reversed(self.steps):
-            at = torch.searchsorted(images, ids)  # each traced image's row at this step
-            columns.append(tuple(f[at, beam] if f is not None else None for f in fields))
-            beam = parent[at, beam]
+        columns = []
+        col = torch.zeros_like(row)  # the live hypothesis of step s that step s + 1 extended
+        for s in range(int(last.max()), -1, -1):
+            images, parent, words, fields = self.steps[s]
+            # Each image's row at step s; clamped for those settled before, which are masked.
+            at = torch.searchsorted(images, ids).clamp(max=len(images) - 1)
+            on = last >= s  # (m,) captions with a word at step s
+            col = torch.where(last > s, col, 0)
+            w = torch.where(last == s, word, words[at, col])
+            r = torch.where(last == s, row, parent[at, col]).masked_fill(~on, 0)
+            columns.append((on, w, *(f[at, r] if f is not None else None for f in fields)))
+            col = r
         columns.reverse()
-        tokens, alphas, betas, locations, positions = (
+        on, tokens, alphas, betas, locations, positions = (
             torch.stack(x, dim=1) if x[0] is not None else None for x in zip(*columns, strict=True)
         )
-        keep = tokens != PAD_ID  # (m, t) zero out the steps after <end>
         if positions is not None:
-            positions = positions.masked_fill(~keep.unsqueeze(-1), math.nan)
+            positions = positions.masked_fill(~on.unsqueeze(-1), math.nan)
         return (
-            tokens,
-            alphas * keep.unsqueeze(-1),
-            betas * keep,
-            locations.masked_fill(~keep, -1),
+            tokens.masked_fill(~on, PAD_ID),
+            alphas * on.unsqueeze(-1),
+            betas * on,
+            locations.masked_fill(~on, -1),
             positions,
         )
 
 
-def _assemble(settled: list[tuple[Tensor, tuple[Tensor, ...]]]) -> tuple[Tensor, ...]:
-    """The results of images settled at different steps, back in input order and padded to
-    the longest caption: `<pad>` tokens, zero alphas and betas, -1 locations, NaN positions."""
-    T = max(result[0].shape[1] for _, result in settled)
-    images = torch.cat([i for i, _ in settled])  # a permutation of the input indices
-    fills = (PAD_ID, 0.0, None, 0.0, -1, math.nan)  # None: log-probs, one per image, no steps
-    out: list[Tensor | None] = []
-    for field, fill in enumerate(fills):
-        parts = [result[field] for _, result in settled]
-        if parts[0] is None:  # positions, for attentions without a window
-            out.append(None)
-            continue
-        if fill is not None:
-            parts = [_pad_steps(x, T, fill) for x in parts]
-        x = torch.cat(parts)
-        out.append(torch.empty_like(x).index_copy_(0, images, x))
-    return tuple(out)
-
-
-def _pad_steps(x: Tensor, T: int, fill: float) -> Tensor:
-    """(m, t, ...) -> (m, T, ...), the new steps filled with `fill`."""
-    padded = x.new_full((x.shape[0], T, *x.shape[2:]), fill)
-    padded[:, : x.shape[1]] = x
-    return padded
+def _assemble(settled: list[_Result], trail: _Backpointers) -> tuple[Tensor, ...]:
+    """The captions of images settled at different steps, traced back in one pass and in
+    input order, padded to the longest: `<pad>`, zero alphas and betas, -1 locations, NaN
+    positions."""
+    result = _Result(*(torch.cat(x) for x in zip(*settled, strict=True)))
+    order = result.images.argsort()  # a permutation of the input indices: back to input order
+    images, log_prob, last, row, word = (x[order] for x in result)
+    tokens, alphas, betas, locations, positions = trail.trace(images, last, row, word)
+    return tokens, alphas, log_prob, betas, locations, positions
 
 
 def _no_specials(logits: Tensor) -> Tensor:
