@@ -36,14 +36,7 @@ L = 4  # annotation vectors per image (a 2 x 2 grid)
 LOSING_SEEDS = (27, 156, 221, 307, 309, 355, 416)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (several-fold when the
-    machine is busy), so the module runs on one and gives the old count back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
