@@ -14,7 +14,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from caption.browser import CHROMIUM, launch_chromium
+from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.data.shapes import generate_shapes
+from caption.data.vocab import END_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -126,7 +128,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "trainer.device=cpu",
         *TINY_MODEL,
     )
+    _never_end(root / "run" / "checkpoints" / "best.pt")
     return root
+
+
+def _never_end(path: Path) -> None:
+    """Make `<end>` impossible in a checkpoint's output layer.
+
+    Six steps leave the decoder near uniform, and there the likeliest caption, which beam
+    search rightly finds, is the empty one: every word costs about log V. The pages, panels
+    and words the end-to-end tests check need captions with words.
+    """
+    ckpt = load_checkpoint(path)
+    ckpt["model"]["decoder.L_o.bias"][END_ID] = float("-inf")
+    save_checkpoint(path, **{k: v for k, v in ckpt.items() if k not in ("format", "version")})
 
 
 # --- a real headless browser: Debian's chromium, driven by Playwright ----------------------
