@@ -176,7 +176,11 @@ def summary(results: list[Result], seconds: float) -> tuple[str, bool]:
 def write_output(path: Path, results: list[Result], line: str) -> None:
     """A JSON summary, or a markdown table when the path ends in .md."""
     if path.suffix == ".md":
-        rows = [f"| {r.status} | {r.name} | {r.source} | {r.seconds:.1f} |" for r in results]
+        names = [r.name.replace("|", r"\|") for r in results]  # a name may hold |c - p|
+        rows = [
+            f"| {r.status} | {name} | {r.source} | {r.seconds:.1f} |"
+            for r, name in zip(results, names, strict=True)
+        ]
         head = ["| status | mutant | file | seconds |", "|---|---|---|---|"]
         path.write_text("\n".join([f"{line}\n", *head, *rows]) + "\n", encoding="utf-8")
     else:
