@@ -16,7 +16,7 @@ from caption.data.formats import check_images, read_split
 from caption.data.karpathy import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
 from caption.errors import CaptionError
-from caption.files import WriteError, advice, atomic_file
+from caption.files import advice, advised, atomic_file
 from caption.inference import caption_line, decode_bank, grounding_metrics
 from caption.metrics import bleu, coco_metrics
 from caption.overrides import hydra_command
@@ -203,12 +203,10 @@ def _write(path: Path, text: str, key: str, written: list[Path]) -> None:
         key: the option that names it, for the error: `output`, `coco_results`, `captions`.
         written: the files this run wrote before, named in the error.
     """
-    try:
-        with atomic_file(path) as f:
-            f.write(text)
-    except WriteError as e:
-        done = f"; {', '.join(map(str, written))} written" if written else ""
-        raise e.with_hint(f"{advice(e.errno)}, or pass {key}=<another file>{done}") from e
+    done = f"; {', '.join(map(str, written))} written" if written else ""
+    hint = advised(lambda e: f"{advice(e.errno)}, or pass {key}=<another file>{done}")
+    with hint, atomic_file(path) as f:
+        f.write(text)
     written.append(path)
     log.info("wrote %s", path)
 

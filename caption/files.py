@@ -7,7 +7,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,6 +81,17 @@ def _no_space(folder: Path) -> bool:
         st = os.statvfs(folder)
         return st.f_bavail == 0
     return False
+
+
+@contextlib.contextmanager
+def advised(hint: Callable[[WriteError], str]) -> Iterator[None]:
+    """Give a `WriteError` raised in the block the advice `hint(error)`, worked out when it
+    happens: a caller that knows how to continue (the intact checkpoint, the files already
+    written) says so instead of the usual advice."""
+    try:
+        yield
+    except WriteError as e:
+        raise e.with_hint(hint(e)) from e.__cause__
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from caption.distributed import (
     shutdown,
 )
 from caption.errors import CaptionError, first_line
-from caption.files import WriteError, atomic_file
+from caption.files import advised, atomic_file
 from caption.inference import score_bank
 from caption.models.captioner import Captioner
 from caption.overrides import hydra_command
@@ -633,13 +632,9 @@ class _Intact:
             f"with caption-train resume={self.resume}"
         )
 
-    @contextlib.contextmanager
-    def reported(self) -> Iterator[None]:
+    def reported(self) -> contextlib.AbstractContextManager:
         """A `WriteError` in the block, told how to continue from this checkpoint."""
-        try:
-            yield
-        except WriteError as e:
-            raise e.with_hint(self.hint()) from e.__cause__
+        return advised(lambda _: self.hint())
 
 
 def _append_row(metrics_file: Path, row: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,7 +45,7 @@ from caption.data.images import MAX_PIXELS, expand_images, read_rgb
 from caption.data.karpathy import SPLITS
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError
-from caption.files import WriteError, advice, atomic_file
+from caption.files import advice, advised, atomic_file
 from caption.inference import caption_files
 from caption.models.attention import HardAttention
 from caption.models.captioner import Captioner, Generated
@@ -472,14 +472,10 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     return {"written": written, "failed": failed}
 
 
-@contextlib.contextmanager
-def _reported(written: list[str], output_dir: Path) -> Iterator[None]:
+def _reported(written: list[str], output_dir: Path) -> contextlib.AbstractContextManager:
     """A failed write of a figure or the report, with what was written before it."""
-    try:
-        yield
-    except WriteError as e:
-        done = f"{len(written)} figure(s) before it are in {output_dir}: " if written else ""
-        raise e.with_hint(f"{done}{advice(e.errno)}") from e
+    done = f"{len(written)} figure(s) before it are in {output_dir}: " if written else ""
+    return advised(lambda e: f"{done}{advice(e.errno)}")
 
 
 @hydra_command("caption-visualize", "visualize")

@@ -225,9 +225,9 @@ def _reported(folder: Path) -> Iterator[None]:
     try:
         yield
     except BaseException as e:  # a Ctrl-C too leaves no temporary file
-        failure = write_failure(e, folder) if isinstance(e, Exception) else None
-        if isinstance(e, CaptionError):
-            failure = None
+        # A CaptionError (float16 overflow, no images) already says what to do.
+        bad_write = isinstance(e, Exception) and not isinstance(e, CaptionError)
+        failure = write_failure(e, folder) if bad_write else None
         for name in ("features.tmp.npy", "meta.json"):
             remove_quietly(folder / name)
         with contextlib.suppress(OSError):
