@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import sys
+from argparse import Namespace
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import ChoiceSweep, Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,22 +33,42 @@ _MISSING = object()
 def check_group_overrides(args: list[str], conf_dir: str | Path = CONF_DIR) -> None:
     """Refuse `group=option` overrides that name no option, listing the valid ones on one line.
 
-    Sweeps (`a,b`) are checked option by option; sweep functions are left to Hydra.
+    Sweeps (`a,b`) are checked option by option; sweep functions are left to Hydra, as is a
+    command line it cannot parse.
 
     Raises:
         CaptionError: an option of a config group does not exist.
     """
-    root = Path(conf_dir)
-    for arg in args:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
+    parsed = _parse(args)
+    if parsed is not None:
+        _check_options(parsed[1], Path(conf_dir))
+
+
+def _parse(argv: list[str]) -> tuple[Namespace, list[Override]] | None:
+    """Hydra's reading of a command line: its flags and its overrides; None for `--help` or
+    syntax that Hydra will report itself."""
+    try:
+        args = get_args_parser().parse_args(argv)
+        return args, OverridesParser.create().parse_overrides(args.overrides)
+    except (SystemExit, HydraException):
+        return None
+
+
+def _check_options(overrides: list[Override], root: Path) -> None:
+    """Every `group=option` (each option of a plain `a,b` sweep) names a file of its group."""
+    for override in overrides:
+        key, value = override.key_or_group, override.value()
         folder = root / key
-        if key.startswith("hydra") or "." in key or not folder.is_dir() or "(" in value:
+        if key.startswith("hydra") or not folder.is_dir():
+            continue
+        if isinstance(value, ChoiceSweep) and value.simple_form:
+            choices = list(override.sweep_string_iterator())
+        elif isinstance(value, str):
+            choices = [value]
+        else:  # null, or a sweep function such as choice(...) or glob(...)
             continue
         options = sorted(p.stem for p in folder.glob("*.yaml"))
-        for option in value.split(","):
+        for option in choices:
             if option not in options and option not in ("null", ""):
                 raise CaptionError(
                     f"config: {key}={option} is not an option of {key}; valid: {', '.join(options)}"
@@ -73,13 +94,12 @@ def check_overrides(
     Raises:
         CaptionError: an option or a key does not exist.
     """
-    try:
-        args = get_args_parser().parse_args(argv)
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except (SystemExit, HydraException):  # `--help`, or syntax Hydra will report itself
+    parsed = _parse(argv)
+    if parsed is None:
         return
-    check_group_overrides(args.overrides, conf_dir)
+    args, overrides = parsed
     root = Path(conf_dir)
+    _check_options(overrides, root)
     groups = [o for o in overrides if _is_group(o, root)]
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
