@@ -29,6 +29,24 @@ TINY_MODEL = [
     "model.hidden_dim=32",
     "model.encoder.channels=[8,16,16]",
 ]
+# Smaller still, for float64 references and exact enumeration: two stride-2 layers, no
+# dropout, no penalty (an 8 px image gives a 2x2 grid, 16 px a 4x4 one).
+NANO_MODEL = [
+    "model.embed_dim=8",
+    "model.hidden_dim=8",
+    "model.score.hidden_dim=8",
+    "model.encoder.channels=[4,4]",
+    "model.dropout=0",
+    "model.doubly_stochastic=0",
+]
+# Hard attention whose surrogate's expected gradient is the exact gradient of L_s: every
+# caption samples its locations, λ_r = 1, λ_e = 0.
+EXACT_HARD = [
+    "model/attention=hard",
+    "model.attention.expectation_prob=0",
+    "model.attention.reward_weight=1.0",
+    "model.attention.entropy_weight=0",
+]
 
 
 def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:

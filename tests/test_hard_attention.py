@@ -11,21 +11,10 @@ from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import HardAttention
 from caption.models.captioner import Captioner
-from tests.conftest import compose_config
+from tests.conftest import EXACT_HARD, NANO_MODEL, compose_config
 
 V = 12
-MICRO = [  # 16 px -> 4x4 grid: L = 16 cells, so 16^2 location paths for a 2-word caption
-    "model/attention=hard",
-    "model.embed_dim=8",
-    "model.hidden_dim=8",
-    "model.score.hidden_dim=8",
-    "model.encoder.channels=[4,4]",
-    "model.dropout=0",
-    "model.doubly_stochastic=0",
-    "model.attention.expectation_prob=0",
-    "model.attention.reward_weight=1.0",  # the exact gradient of L_s has λ_r = 1
-    "model.attention.entropy_weight=0",
-]
+MICRO = [*NANO_MODEL, *EXACT_HARD]  # 16 px -> 4x4 grid: 16^2 location paths for 2 words
 
 
 def micro_model(*overrides: str, seed: int = 0) -> Captioner:

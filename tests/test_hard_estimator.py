@@ -16,30 +16,16 @@ from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import HardAttention, HardMemory
 from caption.models.captioner import Captioner
-from tests.conftest import compose_config
+from tests.conftest import EXACT_HARD, NANO_MODEL, compose_config
 
 V = 12
 L = 4  # 8 px through two stride-2 layers: a 2x2 grid
-NANO = [
-    "model.embed_dim=8",
-    "model.hidden_dim=8",
-    "model.score.hidden_dim=8",
-    "model.encoder.channels=[4,4]",
-    "model.dropout=0",
-    "model.doubly_stochastic=0",
-]
-HARD = [
-    "model/attention=hard",
-    "model.attention.expectation_prob=0",  # every caption samples its locations
-    "model.attention.reward_weight=1.0",  # the exact gradient of L_s has λ_r = 1
-    "model.attention.entropy_weight=0",
-]
 TOL = {"rtol": 0.0, "atol": 1e-10}  # float64 throughout
 
 
 def nano_model(*overrides: str, seed: int = 0) -> Captioner:
     torch.manual_seed(seed)
-    model = build_model(compose_config("train", [*NANO, *overrides]).model, vocab_size=V)
+    model = build_model(compose_config("train", [*NANO_MODEL, *overrides]).model, vocab_size=V)
     model = model.double().train()
     model.encoder.eval()  # BatchNorm batch statistics would couple the captions of a batch
     return model
@@ -106,7 +92,7 @@ def test_loss_is_the_authors_objective_times_captions_per_word(attention: str) -
     lam = 0.7
     overrides = [f"model.doubly_stochastic={lam}"]
     if attention == "hard":  # forced cells; λ_r = λ_e = 0 leaves NLL and penalty only
-        overrides += [*HARD, "model.attention.reward_weight=0"]
+        overrides += [*EXACT_HARD, "model.attention.reward_weight=0"]
     model = nano_model(*overrides)
     captions = torch.tensor(
         [
@@ -152,7 +138,7 @@ def test_expected_estimator_is_the_exact_gradient(entropy_weight: float, b: floa
     score-function part, so its expectation is Σ_s p(s|a) ∂H[s] with p(s|a) held constant.
     A constant b leaves the expectation unchanged: Σ_s p(s|a) ∂log p(s|a) = ∂1 = 0.
     """
-    model = nano_model(*HARD, f"model.attention.entropy_weight={entropy_weight}")
+    model = nano_model(*EXACT_HARD, f"model.attention.entropy_weight={entropy_weight}")
     image = images(1)
     paths = all_paths(CAPTION.shape[1] - 1)
     n = CAPTION.shape[1] - 1  # words
@@ -176,7 +162,7 @@ def test_one_forced_path_gives_the_estimator_with_the_old_baseline() -> None:
     before the call; then b moves to 0.9 b + 0.1 R."""
     lam, reward_weight, entropy_weight, b = 0.5, 0.1, 0.3, -1.7
     model = nano_model(
-        *HARD,
+        *EXACT_HARD,
         f"model.doubly_stochastic={lam}",
         f"model.attention.reward_weight={reward_weight}",
         f"model.attention.entropy_weight={entropy_weight}",
@@ -209,7 +195,7 @@ def rig_coin(monkeypatch: pytest.MonkeyPatch, att: HardAttention, expect: Tensor
 def test_baseline_averages_the_sampled_captions_only(
     monkeypatch: pytest.MonkeyPatch, reward: str
 ) -> None:
-    model = nano_model(*HARD, f"model.attention.reward={reward}")
+    model = nano_model(*EXACT_HARD, f"model.attention.reward={reward}")
     att = model.decoder.attention
     captions = torch.tensor(
         [
@@ -252,7 +238,7 @@ def test_baseline_averages_the_sampled_captions_only(
 
 
 def test_first_baseline_update_starts_at_the_sampled_mean(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = nano_model(*HARD)
+    model = nano_model(*EXACT_HARD)
     att = model.decoder.attention
     captions = CAPTION.expand(3, -1)
     locations = torch.tensor([[0, 1, 2], [3, 2, 1], [1, 1, 0]])
@@ -273,7 +259,7 @@ def test_first_baseline_update_starts_at_the_sampled_mean(monkeypatch: pytest.Mo
 
 def test_data_parallel_halves_sum_to_the_whole_batch_with_samples() -> None:
     model = nano_model(
-        *HARD,
+        *EXACT_HARD,
         "model.attention.samples=2",
         "model.doubly_stochastic=0.5",
         "model.attention.reward_weight=0.1",
