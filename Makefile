@@ -8,7 +8,7 @@ CHROMIUM ?= /usr/bin/chromium
 DEMO := outputs/demo
 SHAPES := data/shapes/dataset_shapes.json
 
-.PHONY: venv demo test lint format bench bench-web clean chromium mutants
+.PHONY: venv demo test lint format bench bench-web clean chromium mutants flickr8k flickr8k-data
 
 # torch/torchvision come from this machine's local wheels; `pip install -e .[dev]` pins them.
 $(STAMP): pyproject.toml
@@ -55,6 +55,48 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Flickr8k end to end: features, training, the test split decoded and scored, the attention
+# report and figures, into $(F8K)/. FLICKR8K is the folder holding Flicker8k_Dataset/ and the
+# Flickr8k_text files (Flickr8k.token.txt, Flickr_8k.*Images.txt), at its top or in
+# Flickr8k_text/. An interrupted run continues where it stopped (trainer.resume=true).
+FLICKR8K ?= $(firstword $(wildcard ../shared/flickr8k))
+F8K := outputs/flickr8k
+F8K_TOKENS = $(firstword $(wildcard $(FLICKR8K)/Flickr8k.token.txt $(FLICKR8K)/Flickr8k_text/Flickr8k.token.txt))
+F8K_RUN = experiment=flickr8k_cpu data.annotations=$(F8K_TOKENS) \
+	data.images=$(FLICKR8K)/Flicker8k_Dataset data.feature_cache_dir=$(F8K)/cache
+F8K_MODEL := $(F8K)/checkpoints/best.pt
+# $(call f8k_stage,<n>,<name>,<command>): run a stage, print and record its wall-clock time.
+define f8k_stage
+	@echo "== stage $(1)/5: $(2)"
+	@echo "$(3)"
+	@s=$$(date +%s); $(3) && t=$$(( $$(date +%s) - s )) && \
+		printf '%s\t%s\t%s\n' "$(1)" "$(2)" "$$t" >> $(F8K)/stages.tsv && \
+		echo "== stage $(1)/5: $(2) took $$((t / 60)) min $$((t % 60)) s"
+endef
+
+flickr8k-data:
+	@test -n "$(F8K_TOKENS)" -a -d "$(FLICKR8K)/Flicker8k_Dataset" || { echo "error: Flickr8k \
+	not found (FLICKR8K=$(FLICKR8K)); download Flickr8k_Dataset.zip and Flickr8k_text.zip \
+	(https://forms.illinois.edu/sec/1713398, or github.com/jbrownlee/Datasets/releases), unzip \
+	both into one folder and run make flickr8k FLICKR8K=<that folder>"; exit 1; }
+
+# Training is done once summary.json exists; delete $(F8K) to train again.
+$(F8K)/summary.json: | $(STAMP) flickr8k-data
+	@mkdir -p $(F8K) && rm -f $(F8K)/stages.tsv
+	$(call f8k_stage,1,features,$(BIN)/caption-train $(F8K_RUN) trainer.features_only=true hydra.run.dir=$(F8K)/features)
+	$(call f8k_stage,2,training,$(BIN)/caption-train $(F8K_RUN) trainer.resume=true hydra.run.dir=$(F8K))
+
+$(F8K_MODEL): $(F8K)/summary.json
+
+flickr8k: $(F8K_MODEL) | flickr8k-data
+	@awk -F'\t' '$$1 < 3' $(F8K)/stages.tsv > $(F8K)/stages.tmp; mv $(F8K)/stages.tmp $(F8K)/stages.tsv
+	$(call f8k_stage,3,test split: beam-3 decode and metrics,$(BIN)/caption-evaluate checkpoint=$(F8K_MODEL) split=test captions=$(F8K)/test_captions.jsonl output=$(F8K)/eval_test.json > $(F8K)/eval_test.txt)
+	$(call f8k_stage,4,attention report of the test photos,$(BIN)/caption-visualize checkpoint=$(F8K_MODEL) split=test format=html output_dir=$(F8K)/report)
+	$(call f8k_stage,5,per-word attention of the first three test photos,$(BIN)/caption-visualize checkpoint=$(F8K_MODEL) split=test max_images=3 output_dir=$(F8K)/attention)
+	@echo "== seconds per stage ($(F8K)/stages.tsv):" && cut -f 2- $(F8K)/stages.tsv
+	@head -n -1 $(F8K)/eval_test.txt
+	@tail -n 1 $(F8K)/eval_test.txt
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

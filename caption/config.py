@@ -103,6 +103,12 @@ def check_train_config(cfg: DictConfig) -> None:
     check_bool(d, "data.strict_images")
     check_bool(d, "data.preload")
     check_bool(d, "data.feature_cache")
+    check_bool(t, "trainer.features_only")
+    if t.features_only and not d.feature_cache:
+        raise CaptionError(
+            "config: trainer.features_only=true builds the feature cache; "
+            "add data.feature_cache=true"
+        )
     if cfg.resume is not None and not isinstance(cfg.resume, str):
         _fail("resume", cfg.resume, "a run dir or a checkpoint file")
     check_float(cfg.model, "model.dropout", 0.0)

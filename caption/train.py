@@ -313,6 +313,9 @@ def _train(cfg: DictConfig, dist: Dist) -> dict[str, Any]:
         val_bank = (
             FeatureBank.build(model.encoder, val_bank, **cache) if len(val_bank) else val_bank
         )
+    if t.features_only:  # one cache for a sweep: its runs then read it, none builds it
+        log.info("features only: the cache in %s is ready; stopping", d.feature_cache_dir)
+        return {"run_dir": str(run_dir), "features_only": True}
     train_set = CaptionDataset(train_bank, vocab, cfg.data.max_caption_len)
     log.info(
         "data: %d train images (%d captions), %d val images, vocabulary %d words",

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,43 +17,14 @@ from PIL import Image
 
 from caption.errors import CaptionError
 from caption.serve import check_port, create_app
-from tests.conftest import BIN, ROOT, compose_config
+from tests.conftest import compose_config
+from tests.serving import post, serving
 from tests.test_report import canvas_pixels
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]
 
 MAX_PIXELS = 100 * 100
 MAX_UPLOAD_MB = 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, content: bytes, field: str = "image", **fields: str) -> tuple[int, dict]:
-    """POST `content` as multipart file field `field` (plus text `fields`); (status, JSON)."""
-    boundary = uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-        for k, v in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="x.png"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n".encode()
-        + content
-        + b"\r\n"
-    )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    request = urllib.request.Request(
-        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def png(size: tuple[int, int], color: tuple[int, int, int] = (40, 40, 40)) -> bytes:
@@ -69,42 +36,12 @@ def png(size: tuple[int, int], color: tuple[int, int, int] = (40, 40, 40)) -> by
 @pytest.fixture(scope="module")
 def server(trained: Path) -> Iterator[str]:
     """`caption-serve` on a free port of 127.0.0.1, with small limits; its base URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(BIN / "caption-serve"),
-            f"checkpoint={trained / 'run' / 'checkpoints' / 'best.pt'}",
-            f"port={port}",
-            f"max_pixels={MAX_PIXELS}",
-            f"max_upload_mb={MAX_UPLOAD_MB}",
-            "access_log=false",
-            "device=cpu",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    assert json.loads(r.read())["status"] == "ok"
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise AssertionError(f"caption-serve exited: {proc.stderr.read()}") from None
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
+    with serving(
+        trained / "run" / "checkpoints" / "best.pt",
+        f"max_pixels={MAX_PIXELS}",
+        f"max_upload_mb={MAX_UPLOAD_MB}",
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        proc.stderr.close()
 
 
 def shapes_image(trained: Path, i: int = 0) -> Path:
