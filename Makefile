@@ -1,4 +1,4 @@
-# make demo | make test | make lint | make bench | make mutants
+# make demo | make test | make lint | make bench | make bench-flickr8k | make mutants
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ CHROMIUM ?= /usr/bin/chromium
 DEMO := outputs/demo
 SHAPES := data/shapes/dataset_shapes.json
 
-.PHONY: venv demo test lint format bench bench-web clean chromium mutants flickr8k flickr8k-data
+.PHONY: venv demo test lint format bench bench-web bench-flickr8k clean chromium mutants flickr8k flickr8k-data
 
 # torch/torchvision come from this machine's local wheels; `pip install -e .[dev]` pins them.
 $(STAMP): pyproject.toml
@@ -105,6 +105,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/feature_cache.py
 	$(BIN)/python bench/allocator.py --repeats 2 --steps 3
+
+# The Flickr8k CPU recipe on the team's photos (../shared/flickr8k): feature cache, decoder
+# steps, and greedy vs beam 3 with outputs/flickr8k/checkpoints/best.pt when it exists.
+bench-flickr8k: $(STAMP)
+	$(BIN)/python bench/flickr8k.py --out bench/flickr8k.json
 
 # The report of 1,000 test images and POST /caption latency, with `make demo`'s model.
 bench-web: $(STAMP) chromium
