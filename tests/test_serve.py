@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -66,19 +67,18 @@ def png(size: tuple[int, int], color: tuple[int, int, int] = (40, 40, 40)) -> by
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def server(trained: Path) -> Iterator[str]:
-    """`caption-serve` on a free port of 127.0.0.1, with small limits; its base URL."""
+@contextlib.contextmanager
+def serving(checkpoint: Path, *args: str) -> Iterator[str]:
+    """`caption-serve` of `checkpoint` on a free port of 127.0.0.1, with `args`; its base URL."""
     port = free_port()
     proc = subprocess.Popen(
         [
             str(BIN / "caption-serve"),
-            f"checkpoint={trained / 'run' / 'checkpoints' / 'best.pt'}",
+            f"checkpoint={checkpoint}",
             f"port={port}",
-            f"max_pixels={MAX_PIXELS}",
-            f"max_upload_mb={MAX_UPLOAD_MB}",
             "access_log=false",
             "device=cpu",
+            *args,
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -105,6 +105,15 @@ def server(trained: Path) -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=30)
         proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server(trained: Path) -> Iterator[str]:
+    """`caption-serve` with small limits; its base URL."""
+    checkpoint = trained / "run" / "checkpoints" / "best.pt"
+    limits = [f"max_pixels={MAX_PIXELS}", f"max_upload_mb={MAX_UPLOAD_MB}"]
+    with serving(checkpoint, *limits) as url:
+        yield url
 
 
 def shapes_image(trained: Path, i: int = 0) -> Path:
