@@ -54,11 +54,12 @@ def check_choice(cfg: DictConfig, key: str, choices: tuple[str, ...]) -> None:
 
 
 def check_decoding(cfg: DictConfig, prefix: str = "") -> None:
-    """The decoding options shared by training validation, generate and evaluate."""
+    """The decoding options shared by training validation, generate, evaluate and visualize."""
     check_choice(cfg, f"{prefix}strategy", STRATEGIES)
     check_int(cfg, f"{prefix}beam_size", 1)
     check_int(cfg, f"{prefix}max_len", 1)
     check_int(cfg, f"{prefix}batch_size", 1)
+    check_bool(cfg, f"{prefix}allow_unk")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from caption.checkpoint import load_captioner
-from caption.config import check_choice, check_decoding, resolve_device
+from caption.config import check_bool, check_choice, check_decoding, resolve_device
 from caption.data.dataset import ImageBank
 from caption.data.formats import check_images, read_split
 from caption.data.karpathy import SPLITS, ImageRecord
@@ -49,18 +49,47 @@ def _records(cfg: DictConfig, train_data: DictConfig | None) -> list[ImageRecord
     return read_split(source, cfg.split, "karpathy")
 
 
-def load_results(path: str | Path, records: list[ImageRecord]) -> list[list[str]]:
-    """Captions for `records`, in order, from a results file.
+def load_results(
+    path: str | Path, records: list[ImageRecord], partial: bool = False
+) -> tuple[list[ImageRecord], list[list[str]]]:
+    """The records a results file captions, and their captions, in `records` order.
 
     Args:
         path: JSON Lines with `image` (a file name or path) and `caption`, as `caption-generate`
             writes, or the COCO results format `[{"image_id", "caption"}]`.
         records: the images of the split to score.
+        partial: keep the records the file captions and drop the others, instead of refusing
+            a file that misses some.
 
     Raises:
-        CaptionError: the file is unreadable, or some image of the split has no caption.
+        CaptionError: the file is unreadable, or some image of the split has no caption (with
+            `partial`: none has).
     """
-    path = Path(path)
+    captions = _read_results(Path(path))
+    covered, ordered, missing = [], [], []
+    for r in records:
+        caption = captions.get(("name", r.path.name), captions.get(("id", r.imgid)))
+        if caption is None:
+            missing.append(r.path.name)
+        else:
+            covered.append(r)
+            ordered.append(caption)
+    if missing and not partial:  # scoring the rest would hide how many were left out
+        raise CaptionError(
+            f"results: {path} has no caption for {len(missing)} of "
+            f"{len(records)} images ({', '.join(missing[:5])}); caption them all"
+        )
+    if not covered:
+        raise CaptionError(
+            f"results: {path} captions none of the split's {len(records)} images "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+            "check split= and the dataset it is scored against"
+        )
+    return covered, ordered
+
+
+def _read_results(path: Path) -> dict[tuple[str, object], list[str]]:
+    """A results file's tokenised captions by `("name", file name)` or `("id", image id)`."""
     if not path.is_file():
         raise CaptionError(f"results: {path} does not exist")
     text = path.read_text()
@@ -84,18 +113,7 @@ def load_results(path: str | Path, records: list[ImageRecord]) -> list[list[str]
         else:
             raise CaptionError(f"results: {path}: entry {n} has neither 'image' nor 'image_id'")
         captions[key] = tokenize(str(entry["caption"]))
-    ordered, missing = [], []
-    for r in records:
-        caption = captions.get(("name", r.path.name), captions.get(("id", r.imgid)))
-        if caption is None:
-            missing.append(r.path.name)
-        ordered.append(caption or [])
-    if missing:
-        raise CaptionError(
-            f"results: {path} has no caption for {len(missing)} of "
-            f"{len(records)} images ({', '.join(missing[:5])}); caption them all"
-        )
-    return ordered
+    return captions
 
 
 def text_metrics(
@@ -125,21 +143,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         The metrics: `bleu1`..`bleu4`, `meteor`, `rouge_l`, `cider`, the grounding keys where
-        there are objects, plus `n_images` and the decoding settings.
+        there are objects, plus `n_images` (the images scored), `partial` and the decoding
+        settings.
     """
     check_choice(cfg, "split", SPLITS)
+    check_bool(cfg, "partial")
     if bool(cfg.checkpoint) == bool(cfg.results):
         raise CaptionError(
             "caption-evaluate: pass either checkpoint=<file> or results=<captions file>"
         )
     if cfg.results:
-        records = _records(cfg, None)
-        metrics = text_metrics(records, load_results(cfg.results, records), cfg)
-        metrics = {**_rounded(metrics), "n_images": len(records), "split": cfg.split}
-        results = Path(cfg.results)
-        output = Path(cfg.output or results.with_name(f"{results.stem}_eval_{cfg.split}.json"))
-        _write(output, json.dumps(metrics, indent=2) + "\n", "output", [])
-        return metrics
+        return _score_results(cfg)
+    if cfg.partial:
+        raise CaptionError(
+            "partial: partial=true scores a results= file on the images it captions; a "
+            "checkpoint= captions the whole split, so drop partial=true"
+        )
 
     check_decoding(cfg)
     device = resolve_device(cfg.device)
@@ -157,6 +176,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         max_len=cfg.max_len,
         batch_size=cfg.batch_size,
         device=device,
+        allow_unk=cfg.allow_unk,
     )
     metrics = text_metrics(bank.records, [c["tokens"] for c in captions], cfg)
     if any(r.objects for r in bank.records):
@@ -168,9 +188,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = {
         **_rounded(metrics),
         "n_images": len(bank),
+        "partial": False,
         "split": cfg.split,
         "strategy": cfg.strategy,
         "beam_size": cfg.beam_size if cfg.strategy == "beam" else 1,
+        "allow_unk": cfg.allow_unk,
     }
     output = Path(cfg.output) if cfg.output else default_output(cfg.checkpoint, cfg.split)
     written: list[Path] = []  # named if a later write fails: those files are whole
@@ -187,6 +209,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             for record, c in zip(bank.records, captions, strict=True)
         ]
         _write(Path(cfg.captions), "".join(lines), "captions", written)
+    return metrics
+
+
+def _score_results(cfg: DictConfig) -> dict[str, Any]:
+    """Score the captions file `cfg.results` on its split and write the metrics JSON.
+
+    With `partial=true`, only the images the file captions are scored, against their own
+    references, and the log says how many of the split were left out.
+    """
+    records = _records(cfg, None)
+    covered, captions = load_results(cfg.results, records, cfg.partial)
+    if cfg.partial:
+        log.info(
+            "results: scored %d of %d %s images; %d have no caption in %s (partial=true)",
+            len(covered),
+            len(records),
+            cfg.split,
+            len(records) - len(covered),
+            cfg.results,
+        )
+    metrics = {
+        **_rounded(text_metrics(covered, captions, cfg)),
+        "n_images": len(covered),
+        "partial": cfg.partial,
+        "split": cfg.split,
+    }
+    results = Path(cfg.results)
+    output = Path(cfg.output or results.with_name(f"{results.stem}_eval_{cfg.split}.json"))
+    _write(output, json.dumps(metrics, indent=2) + "\n", "output", [])
     return metrics
 
 

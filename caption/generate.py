@@ -53,6 +53,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             beam_size=cfg.beam_size,
             max_len=cfg.max_len,
             temperature=cfg.temperature,
+            allow_unk=cfg.allow_unk,
         )
         for good, gen in batches:
             out.write(

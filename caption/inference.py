@@ -84,8 +84,9 @@ def decode_bank(
     max_len: int = 30,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    allow_unk: bool = False,
 ) -> list[dict[str, Any]]:
-    """Caption every image of `bank` once.
+    """Caption every image of `bank` once (`<unk>` only if `allow_unk`, see `generate`).
 
     Returns:
         Per image, in `bank.records` order: `{"tokens": [...], "log_prob": float,
@@ -97,7 +98,11 @@ def decode_bank(
     out: list[dict[str, Any]] = []
     for images, _ in DataLoader(ImageDataset(bank), batch_size=batch_size):
         gen = model.generate(
-            images.to(device), strategy=strategy, beam_size=beam_size, max_len=max_len
+            images.to(device),
+            strategy=strategy,
+            beam_size=beam_size,
+            max_len=max_len,
+            allow_unk=allow_unk,
         )
         alphas = gen.alphas.cpu()  # (B, T, L): one copy per batch; rows below are views of it
         for i, (tokens, log_prob) in enumerate(

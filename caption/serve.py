@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from caption.checkpoint import load_captioner
-from caption.config import check_choice, check_float, check_int, resolve_device
+from caption.config import check_bool, check_choice, check_float, check_int, resolve_device
 from caption.data.images import image_tensor
 from caption.errors import CaptionError
 from caption.overrides import hydra_command
@@ -208,6 +208,7 @@ def check_serve_config(cfg: DictConfig) -> None:
             "lower it or raise max_beam_size"
         )
     check_int(cfg, "max_len", 1)
+    check_bool(cfg, "allow_unk")
     check_int(cfg, "max_pixels", 1)
     check_float(cfg, "max_upload_mb", 0.001)
     check_choice(cfg, "normalize", ("shared", "panel"))
@@ -276,7 +277,11 @@ def create_app(cfg: DictConfig) -> FastAPI:
         x, width, height = read_upload(image.file.read(), cfg.max_pixels, image_size)
         with lock, torch.inference_mode():
             gen = model.generate(
-                x[None].to(device), strategy="beam", beam_size=beam_size, max_len=cfg.max_len
+                x[None].to(device),
+                strategy="beam",
+                beam_size=beam_size,
+                max_len=cfg.max_len,
+                allow_unk=cfg.allow_unk,
             )
         view = attention_views(model, vocab, gen)[0]
         return {

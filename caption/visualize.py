@@ -416,6 +416,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         beam_size=cfg.beam_size,
         max_len=cfg.max_len,
         max_pixels=cfg.max_image_pixels,
+        allow_unk=cfg.allow_unk,
     )
     for good, gen in batches:
         for path, view in zip(good, attention_views(model, vocab, gen), strict=True):
@@ -450,6 +451,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
             print(target, flush=True)
     if html:
         decoding = f"beam {cfg.beam_size}" if cfg.strategy == "beam" else cfg.strategy
+        decoding += ", <unk> allowed" if cfg.allow_unk else ""
         source = f"{cfg.split} split" if cfg.split else str(cfg.images)
         target = output_dir / cfg.report_file
         with _reported(written, output_dir):

@@ -9,7 +9,9 @@ Two references check that: an exhaustive enumeration of every caption (which a w
 beam must find), and a plain search, one hypothesis at a time in Python lists, that records
 every finished candidate it held. The models are decoders over a 6-word vocabulary (three
 words besides `<end>` can be generated) fed random annotation vectors directly, in float64,
-so that near-ties do not decide a comparison.
+so that near-ties do not decide a comparison. `<unk>` is one of the three words: the searches
+run with `allow_unk=True`, so only `<pad>` and `<start>` are forbidden, as in the references
+(tests/test_allow_unk.py checks that forbidding `<unk>` is the same as making it impossible).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ def random_annotations(seed: int, B: int = 1) -> torch.Tensor:
 def beam(
     model: Captioner, a: torch.Tensor, K: int, max_len: int, penalty: float = 0.0
 ) -> Generated:
-    return model.generate(a, strategy="beam", beam_size=K, max_len=max_len, length_penalty=penalty)
+    return model.generate(
+        a, strategy="beam", beam_size=K, max_len=max_len, length_penalty=penalty, allow_unk=True
+    )
 
 
 def words_of(tokens: torch.Tensor) -> list[int]:
@@ -298,13 +302,15 @@ def test_every_attention_batched_equals_one_at_a_time(overrides: list[str], K: i
             model.decoder.L_o.bias.normal_()
         # Cached-feature inputs: the annotation vectors of a 4 x 4 grid.
         images = 3 * torch.randn(6, 16, model.encoder.out_dim).relu()
-        gen = model.generate(images, strategy="beam", beam_size=K, max_len=6)
+        gen = model.generate(images, strategy="beam", beam_size=K, max_len=6, allow_unk=True)
         if len({len(words_of(t)) for t in gen.tokens}) > 1:
             break
     else:
         pytest.fail("no model whose images settle at different steps")
     for b in range(len(images)):
-        one = model.generate(images[b : b + 1], strategy="beam", beam_size=K, max_len=6)
+        one = model.generate(
+            images[b : b + 1], strategy="beam", beam_size=K, max_len=6, allow_unk=True
+        )
         n = one.tokens.shape[1]
         assert gen.tokens[b, :n].tolist() == one.tokens[0].tolist()
         assert (gen.tokens[b, n:] == PAD_ID).all()

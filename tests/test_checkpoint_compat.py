@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from caption.checkpoint import build_model, load_captioner, save_checkpoint
-from caption.data.vocab import SPECIALS
+from caption.data.vocab import SPECIALS, UNK_ID
 from caption.models.scores import AdditiveScore
 from tests.conftest import TINY_MODEL, compose_config
 
@@ -28,3 +28,22 @@ def test_checkpoint_naming_the_old_score_module_loads(tmp_path: Path) -> None:
     assert len(vocab) == len(itos)
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_checkpoint_from_before_allow_unk_loads_and_decodes_without_unk(tmp_path: Path) -> None:
+    cfg = compose_config("train", [*TINY_MODEL, "run_dir=."])
+    itos = [*SPECIALS, "a", "red", "circle"]
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=len(itos))
+    with torch.no_grad():  # a model that would say nothing but <unk> if it were allowed to
+        model.decoder.L_o.bias[UNK_ID] = 1e4
+    config = OmegaConf.to_container(cfg, resolve=True)
+    del config["trainer"]["val"]["allow_unk"]  # the key is newer than this checkpoint
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, model=model.state_dict(), config=config, vocab=itos)
+    loaded, _, train_cfg = load_captioner(path)
+    assert "allow_unk" not in train_cfg.trainer.val
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    for strategy in ("greedy", "beam"):
+        tokens = loaded.generate(images, strategy=strategy, max_len=5).tokens
+        assert not (tokens == UNK_ID).any()

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -14,6 +15,7 @@ from caption.data.formats import absolute_spec, check_images, detect_format, rea
 from caption.data.images import load_image
 from caption.data.karpathy import ImageRecord, read_karpathy
 from caption.errors import CaptionError
+from tests.conftest import TINY_MODEL, run
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image gives the test photos")
 
@@ -378,12 +380,118 @@ def test_detect_format(tmp_path: Path) -> None:
     one_line_error(e, "'csv'", "karpathy, flickr8k, coco")
 
 
+def test_auto_reads_the_token_file_and_karpathy_json_as_their_formats(
+    tmp_path: Path, flickr_images: Path
+) -> None:
+    token = raw_flickr8k(tmp_path / "text")
+    auto = read_dataset(token, flickr_images, format="auto")
+    assert as_tuples(auto) == as_tuples(read_dataset(token, flickr_images, format="flickr8k"))
+    assert [len(auto[s]) for s in ("train", "val", "test")] == [2, 1, 1]
+    karpathy = karpathy_flickr(tmp_path)
+    auto = read_dataset(karpathy, flickr_images, format="auto")
+    assert as_tuples(auto) == as_tuples(read_dataset(karpathy, flickr_images, format="karpathy"))
+    # A first image longer than the sniffed head (a huge field before its sentences): the
+    # structure still tells it is Karpathy's.
+    doc = json.loads(karpathy.read_text())
+    doc["images"] = [{"note": "x" * 100_000, **doc["images"][0]}, *doc["images"][1:]]
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(doc))
+    assert '"sentences"' not in big.read_text()[:65536]
+    assert detect_format(big) == "karpathy"
+    assert as_tuples(read_dataset(big, flickr_images)) == as_tuples(auto)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "looks"),
+    [
+        (
+            "captions.csv",
+            "image,caption\n1000268201_693b08cb0e.jpg,A child.\n",
+            "text whose first line is 'image,caption'",
+        ),
+        ("long.txt", "x" * 100 + "\n", f"text whose first line is '{'x' * 57}...'"),
+        (
+            "instances.json",
+            '{"info": {}, "licenses": [], "categories": [], "images": []}',
+            "a JSON object with keys info, licenses, categories, images",
+        ),
+        (
+            "keys.json",
+            json.dumps({f"k{i}": i for i in range(8)}),
+            "a JSON object with keys k0, k1, k2, k3, k4, k5, ...",
+        ),
+        ("list.json", "[1, 2, 3]", "a JSON list of 3 items"),
+        ("empty.txt", "", "empty"),
+        ("blank.txt", "\n \n", "empty"),
+        ("photo.jpg", None, "binary data, not text"),
+    ],
+)
+def test_unknown_annotations_say_what_they_look_like(
+    tmp_path: Path, name: str, text: str | None, looks: str
+) -> None:
+    path = tmp_path / name
+    if text is None:
+        write_photo(path, "coffee")
+    else:
+        path.write_text(text)
+    with pytest.raises(CaptionError) as e:
+        read_dataset(path, tmp_path, format="auto")
+    one_line_error(e, f"data.annotations: {path} is {looks}, in no known format; expected")
+    one_line_error(e, "Karpathy", "Flickr8k", "COCO", "data.format=karpathy|flickr8k|coco")
+
+
 def test_absolute_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert absolute_spec("a.json,b.json") == f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"
     assert absolute_spec("dir") == str(tmp_path / "dir")
     (tmp_path / "odd,name.json").write_text("{}")  # an existing file is never split
     assert absolute_spec("odd,name.json") == str(tmp_path / "odd,name.json")
+
+
+def fake_flickr8k(root: Path, splits: dict[str, int]) -> tuple[Path, Path]:
+    """The two Flickr8k zips as they unpack, with tiny random JPEGs: the token file, its
+    split files beside it, and Flicker8k_Dataset/; returns the token file and the folder."""
+    rng = np.random.default_rng(0)
+    images = root / "Flicker8k_Dataset"
+    images.mkdir(parents=True)
+    colours, things = ["red", "blue", "green"], ["dog", "cat", "ball"]
+    lines, n = [], 0
+    for split, count in splits.items():
+        names = []
+        for _ in range(count):
+            name = f"{1000000000 + n}_{n:010x}.jpg"
+            pixels = rng.integers(0, 256, (30 + n % 7, 40, 3), dtype=np.uint8)  # not square
+            Image.fromarray(pixels).save(images / name, quality=80)
+            for k in range(5):
+                caption = f"A {colours[(n + k) % 3]} {things[(n * k) % 3]} on the grass."
+                lines.append(f"{name}#{k}\t{caption}")
+            names.append(name)
+            n += 1
+        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
+    token = root / "Flickr8k.token.txt"
+    token.write_text("\n".join(lines) + "\n")
+    return token, images
+
+
+@pytest.mark.slow
+@pytest.mark.cli
+def test_train_data_flickr8k_reads_the_token_file_without_data_format(tmp_path: Path) -> None:
+    token, images = fake_flickr8k(tmp_path / "flickr8k", {"train": 10, "dev": 3, "test": 3})
+    proc = run(
+        "caption-train",
+        "data=flickr8k",
+        f"data.annotations={token}",
+        f"data.images={images}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "trainer.max_steps=2",
+        "trainer.progress=false",
+        "trainer.device=cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *TINY_MODEL,
+    )
+    assert "data: 10 train images (50 captions), 3 val images" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
 
 # --- Missing images ----------------------------------------------------------------------
@@ -418,5 +526,7 @@ def test_data_configs_share_keys() -> None:
         cfg = compose_config("train", [f"data={name}", "run_dir=unused"])
         check_train_config(cfg)
         assert cfg.data.format in ("auto", "karpathy", "flickr8k", "coco")
+        if name != "shapes":  # real datasets come in more than one layout: tell which
+            assert cfg.data.format == "auto", name
         keys[name] = set(cfg.data)
     assert all(k == keys["shapes"] for k in keys.values()), keys

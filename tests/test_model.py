@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from caption.checkpoint import build_model
-from caption.data.vocab import END_ID, PAD_ID, START_ID
+from caption.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from caption.errors import CaptionError
 from caption.models.captioner import Captioner
 from tests.conftest import TINY_MODEL, compose_config
@@ -118,7 +118,7 @@ def sequence_log_prob(model: Captioner, images: torch.Tensor, tokens: torch.Tens
     """log p(tokens | image) under teacher forcing, `<end>` included, `<pad>` excluded."""
     captions = torch.cat([torch.full((len(tokens), 1), START_ID), tokens], dim=1)
     logits = model(images, captions).logits
-    logits[..., [PAD_ID, START_ID]] = float("-inf")  # generation forbids these two
+    logits[..., [PAD_ID, START_ID, UNK_ID]] = float("-inf")  # generation forbids these three
     logp = F.log_softmax(logits, -1).gather(2, tokens.unsqueeze(-1)).squeeze(-1)
     return logp.masked_fill(tokens == PAD_ID, 0.0).sum(1)
 

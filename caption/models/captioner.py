@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from caption.data.vocab import END_ID, PAD_ID, START_ID
+from caption.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from caption.models.attention import HardAttention
 from caption.models.decoder import Decoder, DecoderOutput, DecoderStep, PackedOutput
 from caption.models.self_attention import AnnotationSelfAttention
@@ -190,6 +190,7 @@ class Captioner(nn.Module):
         max_len: int = 20,
         temperature: float = 1.0,
         length_penalty: float = 0.0,
+        allow_unk: bool = False,
     ) -> Generated:
         """Caption a batch of images; returns the words with their attention.
 
@@ -202,23 +203,35 @@ class Captioner(nn.Module):
             temperature: softmax temperature, for `sample`.
             length_penalty: for `beam`, rank finished captions by log p / len^this, len counting
                 `<end>` (0 = raw log p).
+            allow_unk: let `<unk>` be generated; by default it is forbidden like `<pad>` and
+                `<start>`, since a caption reading "a <unk> on a <unk>" tells a user nothing.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         annotations = self.encode(images)
+        forbidden = forbidden_words(allow_unk)
         if strategy == "beam" and beam_size > 1:
-            out = self._beam(annotations, beam_size, max_len, length_penalty)
+            out = self._beam(annotations, beam_size, max_len, length_penalty, forbidden)
         else:
             out = self._sequential(
-                annotations, max_len, sample=strategy == "sample", temperature=temperature
+                annotations,
+                max_len,
+                sample=strategy == "sample",
+                temperature=temperature,
+                forbidden=forbidden,
             )
         *fields, positions = out
         return Generated(*fields, grid=self.grid(images), positions=positions)
 
     def _sequential(
-        self, annotations: Tensor, max_len: int, sample: bool, temperature: float
+        self,
+        annotations: Tensor,
+        max_len: int,
+        sample: bool,
+        temperature: float,
+        forbidden: list[int],
     ) -> tuple[Tensor, ...]:
-        """Greedy decoding, or ancestral sampling at a temperature.
+        """Greedy decoding, or ancestral sampling at a temperature, never of `forbidden` ids.
 
         Returns:
             tokens, alphas, log_prob, betas, locations and positions (None without a window).
@@ -234,7 +247,7 @@ class Captioner(nn.Module):
         tokens, alphas, betas, locations, positions = [], [], [], [], []
         for _ in range(max_len):
             step = dec.step(y, state, annotations, memory, recurrent)
-            logits = _no_specials(step.logits)
+            logits = _no_specials(step.logits, forbidden)
             logp = logits.log_softmax(-1)  # (B, V)
             if sample:
                 y = torch.multinomial((logits / temperature).softmax(-1), 1).squeeze(1)
@@ -257,7 +270,12 @@ class Captioner(nn.Module):
         return stack[0], stack[1], log_prob, stack[2], stack[3], position
 
     def _beam(
-        self, annotations: Tensor, K: int, max_len: int, length_penalty: float
+        self,
+        annotations: Tensor,
+        K: int,
+        max_len: int,
+        length_penalty: float,
+        forbidden: list[int],
     ) -> tuple[Tensor, ...]:
         """Beam search over all images at once: the live hypotheses of every image still being
         searched advance as one batch.
@@ -265,7 +283,7 @@ class Captioner(nn.Module):
         Each image keeps K live hypotheses. At every step each live hypothesis is extended by
         every word; the `<end>` extensions are set aside as finished candidates, and the K most
         likely other extensions stay live (all k·V of them while k·V < K; when K exceeds the
-        possible captions, hypotheses of log p = -inf, ending in a forbidden word, fill the
+        possible captions, hypotheses of log p = -inf, ending in a `forbidden` word, fill the
         rest and never win). Of the finished candidates only the best so far is kept per image,
         ranked by log p / len^length_penalty, len counting `<end>`: a finished caption is never
         pushed out by live ones, and a -inf one never counts as finished.
@@ -300,7 +318,8 @@ class Captioner(nn.Module):
         for t in range(max_len):
             n, k = scores.shape  # k: live hypotheses per image, 1 at the first step
             step = dec.step(y, state, a, memory, recurrent)
-            logp = _no_specials(step.logits).log_softmax(-1)  # (n*k, V) log-probs, not logits
+            logits = _no_specials(step.logits, forbidden)
+            logp = logits.log_softmax(-1)  # (n*k, V) log-probs, not logits
             V = logp.shape[-1]
             total = scores.unsqueeze(-1) + logp.view(n, k, V)  # (n, k, V) every extension
             best = best.update(total[..., END_ID], t, length_penalty)
@@ -466,8 +485,14 @@ def _assemble(settled: list[_Result], trail: _Backpointers) -> tuple[Tensor, ...
     return tokens, alphas, log_prob, betas, locations, positions
 
 
-def _no_specials(logits: Tensor) -> Tensor:
-    """Forbid `<pad>` and `<start>` as generated words: training never asks for them."""
+def forbidden_words(allow_unk: bool = False) -> list[int]:
+    """The ids decoding never emits: `<pad>` and `<start>` (training never asks for them) and,
+    unless `allow_unk`, `<unk>` (it stands for rare words, and names none of them)."""
+    return [PAD_ID, START_ID] if allow_unk else [PAD_ID, START_ID, UNK_ID]
+
+
+def _no_specials(logits: Tensor, forbidden: list[int]) -> Tensor:
+    """The logits with the `forbidden` ids made impossible (-inf): their mass goes to the rest."""
     logits = logits.clone()
-    logits[:, [PAD_ID, START_ID]] = float("-inf")
+    logits[:, forbidden] = float("-inf")
     return logits
