@@ -60,6 +60,7 @@ def check_decoding(cfg: DictConfig, prefix: str = "") -> None:
     check_int(cfg, f"{prefix}max_len", 1)
     check_int(cfg, f"{prefix}batch_size", 1)
     check_bool(cfg, f"{prefix}allow_unk")
+    check_float(cfg, f"{prefix}length_penalty", 0.0)
 
 
 def resolve_device(name: str) -> torch.device:

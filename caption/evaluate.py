@@ -177,6 +177,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         device=device,
         allow_unk=cfg.allow_unk,
+        length_penalty=cfg.length_penalty,
     )
     metrics = text_metrics(bank.records, [c["tokens"] for c in captions], cfg)
     if any(r.objects for r in bank.records):
@@ -193,6 +194,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "strategy": cfg.strategy,
         "beam_size": cfg.beam_size if cfg.strategy == "beam" else 1,
         "allow_unk": cfg.allow_unk,
+        "length_penalty": cfg.length_penalty,
     }
     output = Path(cfg.output) if cfg.output else default_output(cfg.checkpoint, cfg.split)
     written: list[Path] = []  # named if a later write fails: those files are whole

@@ -54,6 +54,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             max_len=cfg.max_len,
             temperature=cfg.temperature,
             allow_unk=cfg.allow_unk,
+            length_penalty=cfg.length_penalty,
         )
         for good, gen in batches:
             out.write(

@@ -85,6 +85,7 @@ def decode_bank(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     allow_unk: bool = False,
+    length_penalty: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Caption every image of `bank` once (`<unk>` only if `allow_unk`, see `generate`).
 
@@ -103,6 +104,7 @@ def decode_bank(
             beam_size=beam_size,
             max_len=max_len,
             allow_unk=allow_unk,
+            length_penalty=length_penalty,
         )
         alphas = gen.alphas.cpu()  # (B, T, L): one copy per batch; rows below are views of it
         for i, (tokens, log_prob) in enumerate(

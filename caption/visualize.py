@@ -417,6 +417,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         max_len=cfg.max_len,
         max_pixels=cfg.max_image_pixels,
         allow_unk=cfg.allow_unk,
+        length_penalty=cfg.length_penalty,
     )
     for good, gen in batches:
         for path, view in zip(good, attention_views(model, vocab, gen), strict=True):
