@@ -46,8 +46,9 @@ def test_every_combination_trains_and_decodes(weighting: str, score: str) -> Non
 def test_every_experiment_composes_and_builds(experiment: str) -> None:
     overrides = [f"experiment={experiment}", "model.encoder.pretrained=false"]
     cfg = compose_config("train", overrides)
-    if cfg.model.encoder.name != "small_cnn":  # the paper's VGG: check the config, build small
-        assert cfg.model.encoder.name == "vgg19" and cfg.data.image_size == 224
+    assert cfg.data.image_size in (80, 224)  # shapes, or an ImageNet encoder's native side
+    if cfg.model.encoder.name == "vgg19":  # the paper's VGG is too big to build here
+        assert cfg.data.image_size == 224
         return
     model = build_model(cfg.model, vocab_size=20)
     images, captions = random_batch(B=2)
