@@ -68,3 +68,27 @@ def test_training_from_the_cache(train_cfg: DictConfig, tmp_path: Path) -> None:
     summary = train(train_cfg)
     assert summary["steps"] == 24 and summary["best_val_bleu4"] >= 0
     assert len(list((tmp_path / "cache").glob("*/features.npy"))) == 2  # train and val
+
+
+def test_features_only_builds_the_cache_and_stops(train_cfg: DictConfig, tmp_path: Path) -> None:
+    train_cfg.data.feature_cache = True
+    train_cfg.data.feature_cache_dir = str(tmp_path / "cache")
+    train_cfg.model.encoder.fine_tune = False
+    train_cfg.trainer.features_only = True
+    assert train(train_cfg)["features_only"] is True
+    entries = sorted((tmp_path / "cache").glob("*/features.npy"))
+    assert len(entries) == 2  # train and val
+    assert not (Path(train_cfg.run_dir) / "checkpoints").exists()  # nothing trained
+    # The run that follows reads those entries and builds none.
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    train_cfg.trainer.features_only = False
+    assert train(train_cfg)["steps"] == 24
+    assert [
+        p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").glob("*/features.npy"))
+    ] == stamps
+
+
+def test_features_only_needs_the_cache(train_cfg: DictConfig) -> None:
+    train_cfg.trainer.features_only = True
+    with pytest.raises(CaptionError, match=r"add data\.feature_cache=true"):
+        train(train_cfg)
