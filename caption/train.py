@@ -666,7 +666,8 @@ def main(cfg: DictConfig) -> float:
     summary = train(cfg)
     if summary.get("interrupted"):  # saved; exit as the signal would have, 128 + its number
         sys.exit(128 + signal.Signals[summary["interrupted"]].value)
-    return summary["best_val_bleu4"]  # what a Hydra sweeper would optimise
+    # What a Hydra sweeper would optimise; a features-only run has nothing to offer it.
+    return summary.get("best_val_bleu4", math.nan)
 
 
 if __name__ == "__main__":

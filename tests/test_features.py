@@ -14,6 +14,7 @@ from caption.data.karpathy import read_karpathy
 from caption.errors import CaptionError
 from caption.models.encoder import Encoder
 from caption.train import train
+from tests.conftest import TINY_MODEL, run
 
 
 @pytest.fixture
@@ -92,3 +93,23 @@ def test_features_only_needs_the_cache(train_cfg: DictConfig) -> None:
     train_cfg.trainer.features_only = True
     with pytest.raises(CaptionError, match=r"add data\.feature_cache=true"):
         train(train_cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.cli
+def test_caption_train_features_only(tiny_shapes: Path, tmp_path: Path) -> None:
+    proc = run(
+        "caption-train",
+        f"data.annotations={tiny_shapes}",
+        f"data.images={tiny_shapes.parent}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "data.feature_cache=true",
+        f"data.feature_cache_dir={tmp_path / 'cache'}",
+        "model.encoder.fine_tune=false",
+        "trainer.features_only=true",
+        "trainer.device=cpu",
+        *TINY_MODEL,
+    )
+    assert "features only: the cache in" in proc.stderr
+    assert len(list((tmp_path / "cache").glob("*/features.npy"))) == 2
+    assert not (tmp_path / "run" / "checkpoints").exists()
