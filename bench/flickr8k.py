@@ -275,6 +275,7 @@ def phase_decode(args: argparse.Namespace, work: Path, device: torch.device) -> 
             max_len=ev.max_len,
             batch_size=ev.batch_size,
             device=device,
+            length_penalty=ev.length_penalty,  # caption-evaluate's, as make flickr8k decodes
         )
         sync(device)
         return out
@@ -297,6 +298,7 @@ def phase_decode(args: argparse.Namespace, work: Path, device: torch.device) -> 
         "images": n,
         "load_images_per_sec": round(n / load_seconds, 1),
         "max_len": ev.max_len,
+        "length_penalty": ev.length_penalty,
         "batch_size": ev.batch_size,
         "rounds": args.rounds,
     }
