@@ -56,6 +56,7 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/flickr8k.py` from a checkout
 
+from bench.measure import peak_memory_mb, sync  # noqa: E402
 from caption.config import CONF_DIR  # noqa: E402
 from caption.data.dataset import CaptionBatch, ImageBank  # noqa: E402
 from caption.data.formats import read_dataset  # noqa: E402
@@ -65,19 +66,6 @@ from caption.runtime import configure_cpu  # noqa: E402
 
 RECIPE = "flickr8k_cpu"
 CACHED_IMAGES = 7000  # train + val: what the recipe's feature cache holds
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak memory: GPU memory allocated on CUDA, else resident CPU memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a timing covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def recipe(args: argparse.Namespace) -> DictConfig:

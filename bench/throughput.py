@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/throughput.py` from a checkout
 
+from bench.measure import peak_memory_mb, sync  # noqa: E402
 from caption.data.vocab import END_ID, PAD_ID, START_ID  # noqa: E402
 from caption.models.attention import SoftAttention  # noqa: E402
 from caption.models.captioner import Captioner  # noqa: E402
@@ -61,18 +61,6 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak memory: GPU memory allocated on CUDA, else resident CPU memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def device_name(device: torch.device) -> str:

@@ -17,6 +17,10 @@ from caption.browser import CHROMIUM, launch_chromium
 from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.data.shapes import generate_shapes
 from caption.data.vocab import END_ID
+from caption.evaluate import evaluate
+from caption.generate import generate
+from caption.serve import check_serve_config
+from caption.visualize import visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -46,6 +50,15 @@ EXACT_HARD = [
     "model.attention.expectation_prob=0",
     "model.attention.reward_weight=1.0",
     "model.attention.entropy_weight=0",
+]
+
+# The tools that decode, each with the function that checks its config and the overrides it
+# needs beside checkpoint=: for tests of the decoding settings every one of them shares.
+DECODING_TOOLS = [
+    ("generate", generate, ["images=x"]),
+    ("evaluate", evaluate, []),
+    ("visualize", visualize, ["images=x", "output_dir=x"]),
+    ("serve", check_serve_config, []),
 ]
 
 

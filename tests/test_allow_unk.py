@@ -22,9 +22,9 @@ from caption.evaluate import evaluate
 from caption.generate import generate
 from caption.inference import score_bank
 from caption.models.captioner import Captioner
-from caption.serve import check_serve_config, create_app
+from caption.serve import create_app
 from caption.visualize import visualize
-from tests.conftest import TINY_MODEL, compose_config, run
+from tests.conftest import DECODING_TOOLS, TINY_MODEL, compose_config, run
 
 V = 20
 MAX_LEN = 6
@@ -79,15 +79,7 @@ def test_allow_unk_lets_it_be_generated(strategy: str, tiny: tuple[Captioner, to
     assert ((gen.tokens[:, -1] == UNK_ID) | (gen.tokens[:, -1] == END_ID)).all()
 
 
-@pytest.mark.parametrize(
-    "tool, check, args",
-    [
-        ("generate", generate, ["images=x"]),
-        ("evaluate", evaluate, []),
-        ("visualize", visualize, ["images=x", "output_dir=x"]),
-        ("serve", check_serve_config, []),
-    ],
-)
+@pytest.mark.parametrize("tool, check, args", DECODING_TOOLS)
 def test_allow_unk_must_be_a_bool(tool: str, check, args: list[str], tmp_path: Path) -> None:
     # Checked before the checkpoint is read: none is needed.
     cfg = compose_config(tool, [f"checkpoint={tmp_path / 'none.pt'}", *args, "allow_unk=maybe"])

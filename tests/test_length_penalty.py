@@ -12,22 +12,13 @@ from caption.errors import CaptionError
 from caption.evaluate import evaluate
 from caption.generate import generate
 from caption.models.captioner import Captioner
-from caption.serve import check_serve_config
 from caption.visualize import visualize
-from tests.conftest import compose_config
+from tests.conftest import DECODING_TOOLS, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize(
-    "tool, check, args",
-    [
-        ("generate", generate, ["images=x"]),
-        ("evaluate", evaluate, []),
-        ("visualize", visualize, ["images=x", "output_dir=x"]),
-        ("serve", check_serve_config, []),
-    ],
-)
+@pytest.mark.parametrize("tool, check, args", DECODING_TOOLS)
 def test_a_negative_length_penalty_is_refused(tool: str, check, args: list[str], tmp_path: Path):
     cfg = compose_config(tool, [f"checkpoint={tmp_path / 'none.pt'}", *args, "length_penalty=-1"])
     with pytest.raises(CaptionError) as e:
