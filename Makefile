@@ -1,4 +1,4 @@
-# make demo | make test | make lint | make bench | make bench-flickr8k | make mutants
+# make demo | make test | make lint | make bench | make flickr8k | make bench-flickr8k | make mutants
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
