@@ -43,7 +43,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,13 +55,12 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/flickr8k.py` from a checkout
 
-from bench.measure import peak_memory_mb, sync  # noqa: E402
+from bench.measure import phase_in_subprocess, sync, timed_phase  # noqa: E402
 from caption.config import CONF_DIR  # noqa: E402
 from caption.data.dataset import CaptionBatch, ImageBank  # noqa: E402
 from caption.data.formats import read_dataset  # noqa: E402
 from caption.data.karpathy import ImageRecord  # noqa: E402
 from caption.data.vocab import Vocabulary  # noqa: E402
-from caption.runtime import configure_cpu  # noqa: E402
 
 RECIPE = "flickr8k_cpu"
 CACHED_IMAGES = 7000  # train + val: what the recipe's feature cache holds
@@ -315,16 +313,8 @@ PHASES = {"features": phase_features, "train": phase_train, "decode": phase_deco
 
 def run_phase(args: argparse.Namespace) -> None:
     """Run one phase in this process and print its figures as one JSON line."""
-    configure_cpu()  # what every command does: flush denormals, keep freed memory
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    start = time.perf_counter()
-    result = PHASES[args.phase](args, Path(args.work), device)
-    result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
-    result["phase_seconds"] = round(time.perf_counter() - start, 1)
+    result, _, seconds = timed_phase(PHASES, args)
+    result["phase_seconds"] = seconds
     result["threads"] = torch.get_num_threads()
     print(json.dumps(result))
 
@@ -414,8 +404,7 @@ def main() -> None:
                 print(f"bench: decode skipped: {reason}", file=sys.stderr, flush=True)
                 results[phase] = {"skipped": reason}
                 continue
-            argv = [sys.executable, __file__, "--phase", phase, "--work", work]
-            for key in (
+            keys = (
                 "flickr8k",
                 "feature_images",
                 "steps",
@@ -425,13 +414,8 @@ def main() -> None:
                 "checkpoint",
                 "device",
                 "threads",
-            ):
-                argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-            print(f"bench: {phase} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"bench: phase {phase} failed:\n{proc.stderr[-3000:]}")
-            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+            )
+            results[phase] = phase_in_subprocess(__file__, phase, work, args, keys)
     results["recipe"] = results["features"]["recipe"]
     results["features_images_per_sec"] = results["features"]["images_per_sec"]
     results["train_pairs_per_sec"] = results["train"]["pairs_per_sec"]

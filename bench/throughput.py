@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,12 +39,11 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/throughput.py` from a checkout
 
-from bench.measure import peak_memory_mb, sync  # noqa: E402
+from bench.measure import phase_in_subprocess, sync, timed_phase  # noqa: E402
 from caption.data.vocab import END_ID, PAD_ID, START_ID  # noqa: E402
 from caption.models.attention import SoftAttention  # noqa: E402
 from caption.models.captioner import Captioner  # noqa: E402
 from caption.models.scores import AdditiveScore  # noqa: E402
-from caption.runtime import configure_cpu  # noqa: E402
 
 # The paper-sized decoder (Xu et al. 2015 and the authors' COCO script).
 PAPER = {"grid": 14, "D": 2048, "hidden": 512, "attention": 512, "embed": 512, "vocab": 10000}
@@ -300,16 +298,8 @@ PHASES = {
 
 
 def run_phase(args: argparse.Namespace) -> None:
-    configure_cpu()  # what every command does: flush denormals, keep freed memory
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    start = time.perf_counter()
-    result = PHASES[args.phase](args, Path(args.work), device)
-    result["peak_memory_mb"] = round(peak_memory_mb(device), 1)
-    result["seconds"] = round(time.perf_counter() - start, 1)
+    result, device, seconds = timed_phase(PHASES, args)
+    result["seconds"] = seconds
     result["device"] = device_name(device)
     print(json.dumps(result))
 
@@ -383,8 +373,7 @@ def main() -> None:
     results: dict = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory() as work:
         for phase in PHASES:
-            argv = [sys.executable, __file__, "--phase", phase, "--work", work]
-            for key in (
+            keys = (
                 "steps",
                 "decode_images",
                 "decode_batch",
@@ -392,13 +381,8 @@ def main() -> None:
                 "rounds",
                 "device",
                 "threads",
-            ):
-                argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-            print(f"bench: {phase} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"bench: phase {phase} failed:\n{proc.stderr[-3000:]}")
-            results[phase] = json.loads(proc.stdout.strip().splitlines()[-1])
+            )
+            results[phase] = phase_in_subprocess(__file__, phase, work, args, keys)
     results["beam_speedup"] = results["shapes_decode"]["beam5_speedup"]
     results["beam_identical"] = results["shapes_decode"]["beam5_identical"]
     results["flop_utilization"] = results["paper_train"]["flop_utilization"]
