@@ -21,10 +21,10 @@ peak memory (ru_maxrss) is its own:
   cache entry, with the recipe's encoder, dtype, batch and DataLoader workers: images/s, the
   bytes per image, their extrapolation to the 7,000 train + val images the recipe caches, and
   the entry's real size (apparent, and allocated on disk as `du` counts it).
-- `train`: `--steps` optimizer steps of `caption.train._step`, the real training step, after
-  `--warmup-steps`, on those cached features with their real captions and the real
-  vocabulary (train captions, min_count 5): caption-image pairs/s (one step is 64 pairs) and
-  predicted words/s (`<end>` included, as `caption-train` counts them).
+- `train`: `--steps` optimizer steps of `caption.training.step.train_step`, the real training
+  step, after `--warmup-steps`, on those cached features with their real captions and the
+  real vocabulary (train captions, min_count 5): caption-image pairs/s (one step is 64 pairs)
+  and predicted words/s (`<end>` included, as `caption-train` counts them).
 - `decode`: a trained checkpoint (`--checkpoint`) captions the first `--decode-images` test
   photos as `caption-evaluate` does (images read into an `ImageBank`, then `decode_bank`,
   encoder included) at beam 1 (greedy) and beam 3, alternated `--rounds` times, keeping the
@@ -175,9 +175,10 @@ def phase_train(args: argparse.Namespace, work: Path, device: torch.device) -> d
     from caption.data.dataset import CaptionDataset, collate_captions
     from caption.data.features import FeatureBank
     from caption.data.sampler import EpochSampler
-    from caption.distributed import Dist
     from caption.speed import Precision
-    from caption.train import _optimizer, _step, seed_everything
+    from caption.training.dist import Dist
+    from caption.training.step import build_optimizer, train_step
+    from caption.training.trainer import seed_everything
 
     cfg = recipe(args)
     d, t = cfg.data, cfg.trainer
@@ -197,19 +198,19 @@ def phase_train(args: argparse.Namespace, work: Path, device: torch.device) -> d
         collate_fn=collate_captions,
         drop_last=True,  # every step a full batch of 64 pairs, as nearly all of an epoch's are
     )
-    optimizer, params = _optimizer(cfg, model)
+    optimizer, params = build_optimizer(cfg, model)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=args.warmup_steps + args.steps)
     dist, precision = Dist(device=device), Precision(t.precision, device)
     model.train()
     stream = batches(loader)
     for _ in range(args.warmup_steps):  # the allocator, first touch of Adam's state
-        _step(next(stream), model, optimizer, scheduler, params, dist, t, precision)
+        train_step(next(stream), model, optimizer, scheduler, params, dist, t, precision)
     sync(device)
     steps, n_pairs, words = [], 0, 0
     for _ in range(args.steps):
         start = time.perf_counter()
         batch = next(stream)  # fetching the batch is part of a step, as in caption-train
-        _step(batch, model, optimizer, scheduler, params, dist, t, precision)
+        train_step(batch, model, optimizer, scheduler, params, dist, t, precision)
         sync(device)
         steps.append(time.perf_counter() - start)
         n_pairs += len(batch.captions)

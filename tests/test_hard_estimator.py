@@ -287,7 +287,7 @@ def test_data_parallel_halves_sum_to_the_whole_batch_with_samples() -> None:
         return values, gradient(model, losses.loss), att.baseline.clone()
 
     whole, whole_grad, whole_b = run(slice(0, 4), None)
-    # As train.py builds it: the step's words and images, each image counted once.
+    # As training/step.py builds it: the step's words and images, each image counted once.
     totals = torch.tensor([float((captions[:, 1:] != PAD_ID).sum()), float(len(captions))])
     one, one_grad, one_b = run(slice(0, 2), totals)
     two, two_grad, two_b = run(slice(2, 4), totals)

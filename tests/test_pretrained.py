@@ -243,7 +243,8 @@ def test_set_trainable_top_and_epochs() -> None:
 
 
 def test_frozen_until_due_params_are_skipped_by_the_optimizer() -> None:
-    """The integration train.py uses: the encoder's group exists from the start, lr of its own."""
+    """The integration training/step.py uses: the encoder's group exists from the start, with an
+    lr of its own."""
     torch.manual_seed(0)
     enc = Encoder(fine_tune_top=1, fine_tune_from_epoch=2, lr=1e-2)  # small_cnn: 4 blocks
     head = nn.Linear(enc.out_dim, 1)

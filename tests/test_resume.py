@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 
 from caption.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from caption.errors import CaptionError
-from caption.resume import capture_rng, restore_rng, sync_metrics
 from caption.train import train
+from caption.training.resume import capture_rng, restore_rng, sync_metrics
 from tests.conftest import BIN, ROOT, TINY_MODEL, run
 
 STEPS = 24  # 2 epochs of 12 steps: 64 images x 6 captions / batch 32
