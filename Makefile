@@ -59,7 +59,7 @@ format: $(STAMP)
 # Flickr8k end to end: features, training, the test split decoded and scored, the attention
 # report and figures, into $(F8K)/. FLICKR8K is the folder holding Flicker8k_Dataset/ and the
 # Flickr8k_text files (Flickr8k.token.txt, Flickr_8k.*Images.txt), at its top or in
-# Flickr8k_text/. An interrupted run continues where it stopped (trainer.resume=true).
+# Flickr8k_text/. An interrupted run continues where it stopped (resume=auto).
 FLICKR8K ?= $(firstword $(wildcard ../shared/flickr8k))
 F8K := outputs/flickr8k
 F8K_TOKENS = $(firstword $(wildcard $(FLICKR8K)/Flickr8k.token.txt $(FLICKR8K)/Flickr8k_text/Flickr8k.token.txt))
@@ -85,7 +85,7 @@ flickr8k-data:
 $(F8K)/summary.json: | $(STAMP) flickr8k-data
 	@mkdir -p $(F8K) && rm -f $(F8K)/stages.tsv
 	$(call f8k_stage,1,features,$(BIN)/caption-train $(F8K_RUN) trainer.features_only=true hydra.run.dir=$(F8K)/features)
-	$(call f8k_stage,2,training,$(BIN)/caption-train $(F8K_RUN) trainer.resume=true hydra.run.dir=$(F8K))
+	$(call f8k_stage,2,training,$(BIN)/caption-train $(F8K_RUN) resume=auto hydra.run.dir=$(F8K))
 
 $(F8K_MODEL): $(F8K)/summary.json
 

@@ -6,13 +6,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from caption.errors import CaptionError
 from caption.models.captioner import STRATEGIES
 
 # The repository's conf/ (the package is installed in editable mode, beside it).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Keys that are gone, with what to write instead: an old command line or config file that
+# still sets one is answered in one line (Hydra alone would say only that the key is unknown).
+REPLACED_KEYS = {"trainer.resume": "resume=auto (or resume=<run dir or checkpoint>)"}
+
+
+def replaced_key_message(key: str) -> str | None:
+    """The one-line answer to a key of `REPLACED_KEYS`; None for any other key."""
+    if key not in REPLACED_KEYS:
+        return None
+    return f"config: {key} is gone; use {REPLACED_KEYS[key]}"
 
 
 def _fail(key: str, value: Any, expected: str) -> None:
@@ -92,7 +103,6 @@ def check_train_config(cfg: DictConfig) -> None:
     check_int(t, "trainer.val_max_images", 1, optional=True)
     check_int(t, "trainer.checkpoint_every", 1, optional=True)
     check_bool(t, "trainer.deterministic")
-    check_bool(t, "trainer.resume")
     check_float(t, "trainer.dist_timeout_s", 1.0)
     check_decoding(t.val, "trainer.val.")
     check_int(d, "data.image_size", 16)
@@ -112,7 +122,10 @@ def check_train_config(cfg: DictConfig) -> None:
             "add data.feature_cache=true"
         )
     if cfg.resume is not None and not isinstance(cfg.resume, str):
-        _fail("resume", cfg.resume, "a run dir or a checkpoint file")
+        _fail("resume", cfg.resume, "auto, a run dir or a checkpoint file")
+    for key in REPLACED_KEYS:  # set in a config file (the command line is checked before)
+        if OmegaConf.select(cfg, key) is not None:
+            raise CaptionError(replaced_key_message(key))
     check_float(cfg.model, "model.dropout", 0.0)
     if cfg.model.dropout >= 1:
         _fail("model.dropout", cfg.model.dropout, "in [0, 1)")

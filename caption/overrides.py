@@ -24,7 +24,7 @@ from hydra.core.override_parser.types import ChoiceSweep, Override, OverrideType
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from caption.config import CONF_DIR
+from caption.config import CONF_DIR, replaced_key_message
 from caption.errors import CaptionError, cli_guard
 
 _MISSING = object()
@@ -167,11 +167,14 @@ def _paths(tree: Any, prefix: str = "") -> Iterator[str]:
 
 
 def _unknown_key_message(command: str, key: str, paths: list[str]) -> str:
-    """`key` is not in the config; the nearest existing key, if one is close.
+    """`key` is not in the config; what replaced it, or the nearest existing key if one is close.
 
     Nearest means, in this order: a key beside it with a similar name (`trainer.max_epoch`),
     the same name elsewhere (`max_epochs` for `trainer.max_epochs`), a similar full path.
     """
+    replaced = replaced_key_message(key)
+    if replaced:
+        return replaced
     parent, _, leaf = key.rpartition(".")
     prefix = f"{parent}." if parent else ""
     siblings = {p[len(prefix) :]: p for p in paths if p.startswith(prefix) and p != parent}

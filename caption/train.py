@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             precision=precision,
             overrides=_overrides(),
         )
-        return trainer.fit(resume_path(cfg.resume if cfg.resume else bool(t.resume), run_dir))
+        return trainer.fit(resume_path(cfg.resume, run_dir))
 
 
 def _overrides() -> list[str]:

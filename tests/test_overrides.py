@@ -41,6 +41,11 @@ COMMANDS = {
             "default; choose one with data=<coco|flickr30k|flickr8k|shapes>",
         ),
         ("caption-train", ["model/encoder=resnet9000"], "is not an option of model/encoder"),
+        (
+            "caption-train",
+            ["trainer.resume=true"],
+            "config: trainer.resume is gone; use resume=auto",
+        ),
     ],
 )
 def test_unknown_keys_get_one_line_with_the_likely_key(

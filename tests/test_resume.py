@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from caption.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from caption.errors import CaptionError
 from caption.train import train
-from caption.training.resume import capture_rng, restore_rng, sync_metrics
+from caption.training.resume import capture_rng, restore_rng, resume_path, sync_metrics
 from tests.conftest import BIN, ROOT, TINY_MODEL, run
 
 STEPS = 24  # 2 epochs of 12 steps: 64 images x 6 captions / batch 32
@@ -148,6 +148,16 @@ def test_resume_needs_a_checkpoint(train_cfg: DictConfig, tmp_path: Path) -> Non
     with pytest.raises(CaptionError, match="neither a checkpoint nor a run dir") as e:
         train(train_cfg)
     assert "\n" not in str(e.value)
+
+
+def test_resume_auto_continues_the_run_dirs_own_last_checkpoint_if_any(tmp_path: Path) -> None:
+    assert resume_path("auto", tmp_path) is None  # a new run dir: start afresh
+    assert resume_path(None, tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    assert resume_path("auto", tmp_path) == last
+    assert resume_path(str(tmp_path), tmp_path / "elsewhere") == last  # resume=<run dir>
 
 
 def test_rng_states_round_trip_through_a_safe_checkpoint(tmp_path: Path) -> None:

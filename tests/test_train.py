@@ -62,6 +62,8 @@ def test_unknown_option_is_refused(override: str) -> None:
         ("trainer.deterministic=sometimes", "trainer.deterministic must be true or false"),
         ("data.strict_images=1", "data.strict_images must be true or false"),
         ("data.max_image_pixels=-5", "data.max_image_pixels must be an integer >= 1"),
+        ("resume=true", "resume must be auto, a run dir or a checkpoint file"),
+        ("+trainer.resume=true", "config: trainer.resume is gone; use resume=auto"),
     ],
 )
 def test_bad_values_fail_with_one_line(train_cfg: DictConfig, override: str, message: str) -> None:
@@ -108,7 +110,7 @@ def test_max_steps_and_resume_continue_the_run(train_cfg: DictConfig) -> None:
     run = Path(train_cfg.run_dir)
     train_cfg.trainer.max_steps = None
     train_cfg.trainer.max_epochs = 2
-    train_cfg.trainer.resume = True
+    train_cfg.resume = "auto"
     summary = train(train_cfg)
     assert summary["steps"] == 5 + 24 and summary["epochs"] == 2
     assert load_checkpoint(run / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
@@ -158,7 +160,7 @@ def test_encoder_top_blocks_train_from_their_epoch_with_their_lr(train_cfg: Dict
     groups = first["optimizer"]["param_groups"]
     assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(1e-4)
     train_cfg.trainer.max_epochs = 2
-    train_cfg.trainer.resume = True
+    train_cfg.resume = "auto"
     train(train_cfg)
     second = load_checkpoint(run / "checkpoints" / "last.pt")
     # Adam keeps state only for parameters it stepped: none of the encoder's in epoch 1.

@@ -36,19 +36,19 @@ from caption.training.dist import Dist
 log = logging.getLogger(__name__)
 
 
-def resume_path(spec: str | bool | None, run_dir: Path) -> Path | None:
+def resume_path(spec: str | None, run_dir: Path) -> Path | None:
     """The checkpoint to resume from, or None to start afresh.
 
     Args:
-        spec: `resume=`: a checkpoint file, or a run dir (its `checkpoints/last.pt`), or a
-            `checkpoints/` folder. `trainer.resume=true` passes `True`: the run dir's own
-            `last.pt` when there is one (so a restarted job continues and a new one starts).
+        spec: `resume=`: `auto` for the run dir's own `checkpoints/last.pt` when there is one
+            (so a restarted job continues and a new one starts), or a checkpoint file, a run
+            dir (its `checkpoints/last.pt`), or a `checkpoints/` folder; None starts afresh.
         run_dir: this run's directory.
 
     Raises:
         CaptionError: `resume=` names no checkpoint.
     """
-    if spec is True:
+    if spec == "auto":
         last = run_dir / "checkpoints" / "last.pt"
         return last if last.is_file() else None
     if not spec:
@@ -59,7 +59,7 @@ def resume_path(spec: str | bool | None, run_dir: Path) -> Path | None:
             return candidate
     raise CaptionError(
         f"resume: {path} is neither a checkpoint nor a run dir with checkpoints/last.pt; "
-        "pass resume=<run dir> or resume=<run dir>/checkpoints/<file>.pt"
+        "pass resume=<run dir>, resume=<run dir>/checkpoints/<file>.pt or resume=auto"
     )
 
 
