@@ -111,38 +111,12 @@ def restore(
     Rank 0 reads the file (safely) and hands it on: other machines need no copy of it. The
     run dir's `metrics.jsonl` is made to agree with the checkpoint. The RNG states are
     restored last, so call this after everything in the run's setup that draws random numbers.
+
+    Raises:
+        CaptionError: the checkpoint has another vocabulary, model or optimizer.
     """
     ckpt = load_checkpoint(path, map_location="cpu") if dist.is_main else None
     ckpt = dist.broadcast_object(ckpt)
-    progress = _restore_state(
-        ckpt,
-        path,
-        dist,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        vocab=vocab,
-        batch_size=batch_size,
-    )
-    if dist.is_main:
-        _copy_metrics(path, run_dir)
-        sync_metrics(run_dir / "metrics.jsonl", progress["epoch"], ckpt.get("metrics"))
-    _restore_rank_rng(ckpt, dist)  # last: everything above may draw random numbers
-    return progress
-
-
-def _restore_state(
-    ckpt: dict[str, Any],
-    path: Path,
-    dist: Dist,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    vocab: Vocabulary,
-    batch_size: int,
-) -> dict[str, Any]:
-    """The weights, optimizer and scheduler states into the run; the checkpoint's progress."""
     if ckpt["vocab"] != vocab.itos:
         raise CaptionError(
             f"resume: {path} was trained with another vocabulary; resume with the same "
@@ -157,6 +131,16 @@ def _restore_state(
             f"({first_line(e, 160)}); resume with the config it was trained with"
         ) from None
     scheduler.load_state_dict(ckpt["scheduler"])
+    progress = _progress(ckpt, path, dist, batch_size)
+    if dist.is_main:
+        _copy_metrics(path, run_dir)
+        sync_metrics(run_dir / "metrics.jsonl", progress["epoch"], ckpt.get("metrics"))
+    _restore_rank_rng(ckpt, dist)  # last: everything above may draw random numbers
+    return progress
+
+
+def _progress(ckpt: dict[str, Any], path: Path, dist: Dist, batch_size: int) -> dict[str, Any]:
+    """The checkpoint's progress, completed with what an older version lacks, and logged."""
     progress = {**fresh_progress(), **ckpt["progress"]}
     # A checkpoint of an older version lacks newer running sums (the words, for one).
     progress["partial"] = {**fresh_partial(), **progress["partial"]}
