@@ -9,3 +9,8 @@
 
 `caption-train` (`caption.train`) builds the objects from a config and hands them to `Trainer`.
 """
+
+from caption.training.dist import Dist
+from caption.training.trainer import Trainer
+
+__all__ = ["Dist", "Trainer"]
