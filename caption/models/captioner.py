@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from caption.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
-from caption.models.attention import HardAttention
-from caption.models.decoder import Decoder, DecoderOutput, DecoderStep, PackedOutput
+from caption.models.attention import CaptionSteps
+from caption.models.decoder import Decoder, DecoderOutput, DecoderStep
 from caption.models.self_attention import AnnotationSelfAttention
 
 STRATEGIES = ("greedy", "beam", "sample")
@@ -107,8 +107,9 @@ class Captioner(nn.Module):
         locations: Tensor | None = None,
         totals: Tensor | None = None,
     ) -> Losses:
-        """Masked word NLL, the doubly stochastic penalty and, for hard attention, the
-        surrogate whose gradient is the Monte Carlo estimator of ∂L_s/∂W (Xu et al. eq. 12).
+        """Masked word NLL, the doubly stochastic penalty and, in training, the attention's
+        own `surrogate` (for hard attention, the term that makes the gradient the Monte Carlo
+        estimator of ∂L_s/∂W, Xu et al. eq. 12).
 
         Normalisation: every term is summed over the captions and divided by the number of
         words W, so that the loss scale does not depend on caption lengths. The loss is thus
@@ -130,8 +131,7 @@ class Captioner(nn.Module):
         """
         annotations = self.encode(images)
         attention = self.decoder.attention
-        hard = isinstance(attention, HardAttention) and self.training
-        N = attention.samples if hard else 1  # location samples per image
+        N = attention.samples if self.training else 1  # location samples per image
         if N > 1:  # the N samples of an image share one encoding
             annotations = annotations.repeat_interleave(N, dim=0)
             captions = captions.repeat_interleave(N, dim=0)
@@ -145,41 +145,18 @@ class Captioner(nn.Module):
         n_captions = B if totals is None else totals[1] * N
         token_nll = F.cross_entropy(out.logits, out.targets, reduction="none")  # (n,)
         nll = token_nll.sum() / n_words
-
-        def per_caption(x: Tensor) -> Tensor:  # (n, ...) -> (B, ...) summed over steps
-            return x.new_zeros(B, *x.shape[1:]).index_add(0, out.rows, x)
-
+        steps = CaptionSteps(
+            B, out.rows, token_nll, out.location_log_probs, out.entropies, out.sampled
+        )
         # Σ_t α_ti over the real steps: each location should be looked at about once.
-        mass = per_caption(out.alphas)  # (B, L)
+        mass = steps.per_caption(out.alphas)  # (B, L)
         penalty = ((1.0 - mass) ** 2).sum(dim=1)  # (B,) Σ_i (1 − Σ_t α_ti)²
         loss = nll + self.doubly_stochastic * penalty.sum() / n_words  # the NLL's normalisation
-        if hard:
-            loss = loss - self._surrogate(out, token_nll, per_caption).sum() / n_words
+        # The attention's own signal (hard attention's estimator); it learns only in training.
+        surrogate = attention.surrogate(steps) if self.training else None
+        if surrogate is not None:
+            loss = loss - surrogate.sum() / n_words
         return Losses(loss, nll, penalty.sum() / n_captions)
-
-    def _surrogate(
-        self, out: PackedOutput, token_nll: Tensor, per_caption: Callable[[Tensor], Tensor]
-    ) -> Tensor:
-        """Per caption (B,), the term whose gradient is the score-function and entropy part
-        of the estimator: λ_r (R − b) log p(s̃|a) + λ_e Σ_t H[α_t]; then b moves.
-
-        R is detached: it weighs ∂log p(s̃|a) and is not itself differentiated (its gradient is
-        the NLL term's). The advantage uses b from before this batch's update: b must not depend
-        on this batch's s̃, or the estimator is biased.
-        """
-        attention = self.decoder.attention
-        reward = -per_caption(token_nll).detach()  # (B,) R = log p(y | s̃, a)
-        if attention.reward == "word":  # the authors' code: the mean per-word log-likelihood
-            reward = reward / per_caption(torch.ones_like(token_nll))
-        log_p_s = per_caption(out.location_log_probs)  # (B,) log p(s̃ | a), 0 where expected
-        entropy = per_caption(out.entropies)  # (B,) Σ_t H[α_t]
-        advantage = reward - attention.baseline  # b from before this batch
-        surrogate = attention.reward_weight * advantage * log_p_s
-        surrogate = surrogate + attention.entropy_weight * entropy
-        # One coin per caption: a caption sampled if its steps did.
-        sampled = per_caption(out.sampled.to(reward.dtype)) > 0  # (B,)
-        attention.update_baseline(reward, sampled)
-        return surrogate
 
     @torch.no_grad()
     def generate(
