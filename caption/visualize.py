@@ -48,7 +48,8 @@ from caption.errors import CaptionError
 from caption.files import advice, advised, atomic_file
 from caption.inference import caption_files
 from caption.models.attention import HardAttention
-from caption.models.captioner import Captioner, Generated
+from caption.models.captioner import Captioner
+from caption.models.decoding import Generated
 from caption.models.local import LocalAttention
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
