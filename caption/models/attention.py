@@ -29,8 +29,8 @@ class AttentionOutput(NamedTuple):
     location: Tensor  # (B,) the cell a hard model chose, else the most attended cell
     log_prob: Tensor | None = None  # (B,) log p(s_t | a) of a sampled cell; 0 where not sampled
     entropy: Tensor | None = None  # (B,) H[α_t], for the hard estimator's entropy term
-    # (B, 2) p_t = (row, col) in cell units, local attention only: with its `window` radius
-    # that is enough to outline the window a word was allowed to look at.
+    # (B, 2) p_t = (row, col) in cell units, attentions with a `window` only ((B, h, 2) for
+    # h windowed heads): with the radius that is enough to outline the window a word could use.
     position: Tensor | None = None
     # (B,) bool, hard attention only: the context is the one cell a_{s_t}, not the expectation
     # Σ_i α_i a_i. In training these are the sequences whose coin said "sample": only their

@@ -27,8 +27,9 @@ class Generated(NamedTuple):
     betas: Tensor  # (B, T) the gate of each generated word
     locations: Tensor  # (B, T) the cell each word looked at (hard) or attended most (soft)
     grid: tuple[int, int]  # (H', W'): reshape an alpha row to this to see it over the image
-    # (B, T, 2) local attention's window centre p_t per word, (row, col) in cell units, NaN
-    # after `<end>`; None for attentions without a window.
+    # (B, T, 2) the window centre p_t per word of an attention with a `window` (local
+    # attention), (row, col) in cell units, NaN after `<end>`; (B, T, h, 2) for h windowed
+    # heads; None for attentions without a window.
     positions: Tensor | None = None
 
 
@@ -107,7 +108,8 @@ def sequential(
         betas.append(step.beta.masked_fill(done, 0.0))
         locations.append(step.attention.location.masked_fill(done, -1))
         if step.attention.position is not None:
-            positions.append(step.attention.position.masked_fill(done[:, None], math.nan))
+            position = step.attention.position  # (B, 2), or (B, h, 2) for h heads
+            positions.append(position.masked_fill(_rows(done, position), math.nan))
         done = done | (y == END_ID)
         state = step.state
         if done.all():
@@ -119,7 +121,7 @@ def sequential(
         betas=torch.stack(betas, 1),
         locations=torch.stack(locations, 1),
         grid=grid,
-        positions=torch.stack(positions, 1) if positions else None,  # (B, T, 2)
+        positions=torch.stack(positions, 1) if positions else None,  # (B, T, 2) or (B, T, h, 2)
     )
 
 
@@ -323,8 +325,8 @@ class _Backpointers:
         on, tokens, alphas, betas, locations, positions = (
             torch.stack(x, dim=1) if x[0] is not None else None for x in zip(*columns, strict=True)
         )
-        if positions is not None:
-            positions = positions.masked_fill(~on.unsqueeze(-1), math.nan)
+        if positions is not None:  # (m, T, 2), or (m, T, h, 2) for h heads
+            positions = positions.masked_fill(_rows(~on, positions), math.nan)
         return Generated(
             tokens=tokens.masked_fill(~on, PAD_ID),
             alphas=alphas * on.unsqueeze(-1),
@@ -357,3 +359,8 @@ def _no_specials(logits: Tensor, forbidden: list[int]) -> Tensor:
     logits = logits.clone()
     logits[:, forbidden] = float("-inf")
     return logits
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A mask over the leading dims of `like`, shaped to broadcast over its trailing ones."""
+    return mask.view(*mask.shape, *[1] * (like.dim() - mask.dim()))

@@ -21,7 +21,8 @@ class MultiHeadAttention(nn.Module):
 
     Head j attends over W_v^j a (B, L, D/h), which serves as its keys and values; its own score
     function projects the query h_{t-1}. The h contexts are concatenated and projected by W_o.
-    α is reported as the mean over heads, so that the penalty and the visualizer see one map.
+    α is reported as the mean over heads, so that the penalty and the visualizer see one map;
+    a windowed head's p_t is reported per head, (B, h, 2), since each head has its own window.
     With h = 1 the decoder uses the plain single-head attention instead of this module.
 
     Args:
@@ -91,7 +92,10 @@ class MultiHeadAttention(nn.Module):
         ]
         context = self.out(torch.cat([o.context for o in outs], dim=-1))  # (B, h*D/h) -> (B, D)
         alpha = torch.stack([o.alpha for o in outs]).mean(dim=0)  # (B, L) mean over heads
-        return AttentionOutput(context, alpha, alpha.argmax(dim=-1))
+        position = None
+        if outs[0].position is not None:  # (B, h, 2) each head's window centre
+            position = torch.stack([o.position for o in outs], dim=1)
+        return AttentionOutput(context, alpha, alpha.argmax(dim=-1), position=position)
 
     def surrogate(
         self, steps: CaptionSteps, reward: Tensor | None = None, baseline: Tensor | None = None
