@@ -12,7 +12,13 @@ from torch import Tensor, nn
 
 from caption.models.attention import CaptionSteps
 from caption.models.decoder import Decoder, DecoderOutput
-from caption.models.decoding import Generated, decode
+from caption.models.decoding import (
+    STRATEGIES,
+    Generated,
+    beam_search,
+    forbidden_words,
+    sequential,
+)
 from caption.models.self_attention import AnnotationSelfAttention
 
 
@@ -170,14 +176,20 @@ class Captioner(nn.Module):
             allow_unk: let `<unk>` be generated; by default it is forbidden like `<pad>` and
                 `<start>`, since a caption reading "a <unk> on a <unk>" tells a user nothing.
         """
-        return decode(
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        annotations, grid = self.encode(images), self.grid(images)
+        forbidden = forbidden_words(allow_unk)
+        if strategy == "beam" and beam_size > 1:
+            return beam_search(
+                self.decoder, annotations, grid, beam_size, max_len, length_penalty, forbidden
+            )
+        return sequential(
             self.decoder,
-            self.encode(images),
-            self.grid(images),
-            strategy=strategy,
-            beam_size=beam_size,
-            max_len=max_len,
+            annotations,
+            grid,
+            max_len,
+            sample=strategy == "sample",
             temperature=temperature,
-            length_penalty=length_penalty,
-            allow_unk=allow_unk,
+            forbidden=forbidden,
         )

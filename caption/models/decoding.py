@@ -1,7 +1,7 @@
 """Decoding a caption from annotation vectors: greedy, ancestral sampling and beam search.
 
-`Captioner.generate` is the public way in: it encodes the images and calls `decode`. Every
-search returns a `Generated`, the one decode result the package passes around.
+`Captioner.generate` is the public way in: it encodes the images, picks the search and calls
+it. Every search returns a `Generated`, the one decode result the package passes around.
 """
 
 from __future__ import annotations
@@ -31,38 +31,6 @@ class Generated(NamedTuple):
     # attention), (row, col) in cell units, NaN after `<end>`; (B, T, h, 2) for h windowed
     # heads; None for attentions without a window.
     positions: Tensor | None = None
-
-
-def decode(
-    dec: Decoder,
-    annotations: Tensor,
-    grid: tuple[int, int],
-    strategy: str = "beam",
-    beam_size: int = 3,
-    max_len: int = 20,
-    temperature: float = 1.0,
-    length_penalty: float = 0.0,
-    allow_unk: bool = False,
-) -> Generated:
-    """Caption annotation vectors a (B, L, D) with one of the `STRATEGIES`.
-
-    The arguments are `Captioner.generate`'s, which documents them; `grid` is the (H', W')
-    of the annotations, passed on to the result.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    forbidden = forbidden_words(allow_unk)
-    if strategy == "beam" and beam_size > 1:
-        return beam_search(dec, annotations, grid, beam_size, max_len, length_penalty, forbidden)
-    return sequential(
-        dec,
-        annotations,
-        grid,
-        max_len,
-        sample=strategy == "sample",
-        temperature=temperature,
-        forbidden=forbidden,
-    )
 
 
 def sequential(
