@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from caption.errors import CaptionError
-from caption.models.captioner import STRATEGIES
+from caption.models.decoding import STRATEGIES
 
 # The repository's conf/ (the package is installed in editable mode, beside it).
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

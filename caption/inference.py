@@ -28,7 +28,8 @@ from caption.grounding import (
     score_caption,
 )
 from caption.metrics import bleu
-from caption.models.captioner import Captioner, Generated
+from caption.models.captioner import Captioner
+from caption.models.decoding import Generated
 
 
 def caption_line(image: str | Path, words: Sequence[str], log_prob: float) -> str:

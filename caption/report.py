@@ -61,9 +61,10 @@ def attention_record(
 
     Returns:
         `caption`, `words`, `betas`, `grid` [H', W'], `vmax`, the attention, `locations`
-        (hard attention's sampled cell per word, row-major, else None) and `windows` (local
-        attention's `{"cells": [row0, row1, col0, col1], "centre": [p_row, p_col]}` per word,
-        inclusive and in cell units, else None).
+        (hard attention's sampled cell per word, row-major, else None) and `windows` (per word,
+        a list with each windowed head's `{"cells": [row0, row1, col0, col1], "centre":
+        [p_row, p_col]}`, inclusive and in cell units, or None where p_t is undefined; one
+        per word for local attention, h under h heads; None without a window).
     """
     H, W = view.grid
     alphas = view.alphas.detach().to("cpu").float().reshape(len(view.words), H * W).numpy()
@@ -92,13 +93,16 @@ def attention_record(
     record["windows"] = None
     if view.windows is not None:
         record["windows"] = [
-            {
-                "cells": list(window_cells(w, view.grid)),
-                "centre": [round(w[0], 4), round(w[1], 4)],
-            }
-            if math.isfinite(w[0]) and math.isfinite(w[1])
-            else None
-            for w in view.windows
+            [
+                {
+                    "cells": list(window_cells(w, view.grid)),
+                    "centre": [round(w[0], 4), round(w[1], 4)],
+                }
+                if math.isfinite(w[0]) and math.isfinite(w[1])
+                else None
+                for w in heads
+            ]
+            for heads in view.windows
         ]
     return record
 

@@ -72,8 +72,9 @@ class CaptionResponse(BaseModel):
     locations: list[int] | None = Field(
         description="hard attention: the sampled cell per word (row-major); else null"
     )
-    windows: list[Window | None] | None = Field(
-        description="local attention: the window per word; else null"
+    windows: list[list[Window | None]] | None = Field(
+        description="local attention: per word, the window of each head (one without heads); "
+        "else null"
     )
     log_prob: float = Field(description="log p(caption | image)")
     beam_size: int

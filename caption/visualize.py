@@ -13,7 +13,7 @@ diffuse map looks dim beside a peaked one (`normalize="panel"` scales each panel
 maximum instead); either scale reaches at least 4/L, four times the uniform weight, so that
 a nearly uniform map is not stretched to full brightness. Hard attention marks the cell each
 word looked at; local attention outlines the square window around p_t that its α was
-confined to.
+confined to (each head's, under multi-head attention).
 
 The figure is built on `matplotlib.figure.Figure` without pyplot, so it needs no GUI backend,
 is never shown twice in a notebook and is freed when dropped.
@@ -47,9 +47,8 @@ from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError
 from caption.files import advice, advised, atomic_file
 from caption.inference import caption_files
-from caption.models.attention import HardAttention
-from caption.models.captioner import Captioner, Generated
-from caption.models.local import LocalAttention
+from caption.models.captioner import Captioner
+from caption.models.decoding import Generated
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 
@@ -76,19 +75,21 @@ class AttentionView(NamedTuple):
     grid: tuple[int, int]  # (H', W')
     betas: Tensor  # (n,) the gate β of each word
     locations: Tensor | None  # (n,) hard attention's sampled cell per word; None otherwise
-    windows: list[Window] | None  # local attention's window per word; None otherwise
+    # per word, the window of each windowed head (one for local attention, h under h heads);
+    # None for attentions without a window
+    windows: list[list[Window]] | None
     log_prob: float  # log p(caption | image)
 
 
 def attention_views(model: Captioner, vocab: Vocabulary, gen: Generated) -> list[AttentionView]:
     """Split a batch of `Captioner.generate` output into one `AttentionView` per image.
 
-    Hard attention's locations and local attention's windows are kept only for those
-    attentions, so a view marks exactly what its model did.
+    Sampled locations are kept only for a stochastic attention and windows only for one with
+    a `window`, as the attention declares them, so a view marks exactly what its model did.
     """
     attention = model.decoder.attention
-    hard = isinstance(attention, HardAttention)
-    radius = attention.window if isinstance(attention, LocalAttention) else None
+    hard = attention.stochastic  # its locations are the cells it sampled, worth marking
+    radius = attention.window
     alphas, betas = gen.alphas.cpu(), gen.betas.cpu()
     views = []
     for b, (tokens, log_prob) in enumerate(
@@ -199,7 +200,7 @@ def attention_figure(
     grid: Sequence[int],
     betas: Tensor | Sequence[float] | None = None,
     locations: Tensor | Sequence[int] | None = None,
-    windows: Tensor | Sequence[Window] | None = None,
+    windows: Tensor | Sequence[Sequence[Window]] | None = None,
     *,
     normalize: str = "shared",
     columns: int = 6,
@@ -217,8 +218,8 @@ def attention_figure(
         betas: (T,) gate values, shown in the titles as β.
         locations: (T,) hard attention's chosen cell per word (row-major index, -1: none);
             outlined in cyan.
-        windows: per word (p_row, p_col, radius) in cell units: local attention's window,
-            outlined in green, with p_t marked.
+        windows: per word, its windows (p_row, p_col, radius) in cell units, one per
+            windowed head: local attention's, outlined in green, with p_t marked.
         normalize: `shared` (one colour scale, 0 to the caption's largest α) or `panel`
             (each panel scaled to its own maximum); neither scale ends below 4/L.
         columns: panels per row at most (the image counts as one); longer captions wrap.
@@ -285,30 +286,8 @@ def attention_figure(
                     gid="hard-location",
                 )
             )
-        if windows is not None:
-            p_row, p_col, radius = (float(v) for v in windows[t])
-            if math.isfinite(p_row) and math.isfinite(p_col):
-                r0, r1, c0, c1 = window_cells((p_row, p_col, radius), (Hc, Wc))
-                ax.add_patch(
-                    Rectangle(
-                        (c0 * cell_w, r0 * cell_h),
-                        (c1 - c0 + 1) * cell_w,
-                        (r1 - r0 + 1) * cell_h,
-                        fill=False,
-                        edgecolor=WINDOW_COLOR,
-                        linewidth=1.5,
-                        linestyle="--",
-                        gid="local-window",
-                    )
-                )
-                ax.plot(
-                    [p_col * cell_w],
-                    [p_row * cell_h],
-                    marker="+",
-                    markersize=8,
-                    color=WINDOW_COLOR,
-                    gid="local-centre",
-                )
+        for window in windows[t] if windows is not None else ():
+            _draw_window(ax, window, (Hc, Wc), (cell_h, cell_w))
         ax.set_xlim(0, W)
         ax.set_ylim(H, 0)
     caption = " ".join(words) if title is None else title
@@ -317,9 +296,40 @@ def attention_figure(
     return fig
 
 
-def local_windows(positions: Tensor, window: float) -> list[Window]:
-    """Local attention's centres p_t (T, 2) (row, col) and radius, as figure windows."""
-    return [(float(r), float(c), float(window)) for r, c in positions.tolist()]
+def _draw_window(ax: Any, window: Window, grid: tuple[int, int], cell: tuple[float, float]) -> None:
+    """Outline a window's cells on `ax` and mark its centre; cells are `cell` (h, w) pixels."""
+    p_row, p_col, radius = (float(v) for v in window)
+    if not (math.isfinite(p_row) and math.isfinite(p_col)):
+        return
+    r0, r1, c0, c1 = window_cells((p_row, p_col, radius), grid)
+    cell_h, cell_w = cell
+    ax.add_patch(
+        Rectangle(
+            (c0 * cell_w, r0 * cell_h),
+            (c1 - c0 + 1) * cell_w,
+            (r1 - r0 + 1) * cell_h,
+            fill=False,
+            edgecolor=WINDOW_COLOR,
+            linewidth=1.5,
+            linestyle="--",
+            gid="local-window",
+        )
+    )
+    ax.plot(
+        [p_col * cell_w],
+        [p_row * cell_h],
+        marker="+",
+        markersize=8,
+        color=WINDOW_COLOR,
+        gid="local-centre",
+    )
+
+
+def local_windows(positions: Tensor, window: float) -> list[list[Window]]:
+    """Window centres p_t (T, 2) (row, col), or (T, h, 2) for h heads, and the radius, as
+    each word's figure windows, one per head."""
+    heads = positions.unsqueeze(1) if positions.dim() == 2 else positions  # (T, h, 2)
+    return [[(float(r), float(c), float(window)) for r, c in word] for word in heads.tolist()]
 
 
 def _output_name(path: Path, taken: set[str]) -> str:

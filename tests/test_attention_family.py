@@ -12,6 +12,7 @@ import torch
 from caption.checkpoint import build_model
 from caption.compare import find_runs, markdown_table
 from caption.data.vocab import PAD_ID
+from caption.models.attention import CaptionSteps
 from tests.conftest import CONF, ROOT, TINY_MODEL, compose_config
 from tests.test_model import random_batch
 
@@ -40,6 +41,28 @@ def test_every_combination_trains_and_decodes(weighting: str, score: str) -> Non
     gen = model.eval().generate(images, strategy="beam", beam_size=2, max_len=5)
     real = gen.tokens != 0
     torch.testing.assert_close(gen.alphas.sum(-1)[real], torch.ones(int(real.sum())))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_every_attention_declares_what_it_is(weighting: str, heads: int) -> None:
+    """`stochastic`, `window` and `samples` say what the rest of the model may rely on, and
+    `surrogate` is the attention's own training term: only hard attention has one."""
+    if weighting == "hard" and heads > 1:
+        return  # refused: tests/test_model.py::test_multi_head_refuses_hard_attention
+    overrides = [*TINY_MODEL, f"model/attention={weighting}", f"model.heads={heads}"]
+    attention = build_model(compose_config("train", overrides).model, vocab_size=20)
+    attention = attention.decoder.attention
+    assert attention.stochastic == (weighting == "hard")
+    assert attention.window == (2 if weighting.startswith("local") else None)
+    assert attention.samples == 1
+    B, n = 2, 5
+    rows = torch.tensor([0, 1, 0, 1, 0])
+    terms = [torch.zeros(n)] * 2 if weighting == "hard" else [None, None]
+    sampled = torch.ones(n, dtype=torch.bool) if weighting == "hard" else None
+    steps = CaptionSteps(B, rows, torch.ones(n), *terms, sampled)
+    surrogate = attention.surrogate(steps)
+    assert (surrogate is not None) == (weighting == "hard")
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

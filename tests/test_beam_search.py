@@ -1,9 +1,10 @@
 """Beam search against references that cannot share its bugs, on many tiny random models.
 
-`Captioner._beam` promises (see its docstring): K live hypotheses per image; every `<end>`
-extension of a live hypothesis is set aside as a finished candidate; the K best other
-extensions stay live; the result is the best finished candidate under log p / len^penalty
-(len counts `<end>`), or, if nothing could end, the best live hypothesis at `max_len`.
+`caption.models.decoding.beam_search` promises (see its docstring): K live hypotheses per
+image; every `<end>` extension of a live hypothesis is set aside as a finished candidate; the K
+best other extensions stay live; the result is the best finished candidate under
+log p / len^penalty (len counts `<end>`), or, if nothing could end, the best live hypothesis at
+`max_len`.
 
 Two references check that: an exhaustive enumeration of every caption (which a wide enough
 beam must find), and a plain search, one hypothesis at a time in Python lists, that records
@@ -25,7 +26,8 @@ import torch
 
 from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
-from caption.models.captioner import Captioner, Generated
+from caption.models.captioner import Captioner
+from caption.models.decoding import Generated
 from tests.conftest import TINY_MODEL, compose_config
 
 V = 6  # <pad> <start> <end> <unk> and two words

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
-from caption.models.attention import HardAttention, HardMemory
+from caption.models.attention import CaptionSteps, HardAttention, HardMemory
 from caption.models.captioner import Captioner
 from tests.conftest import EXACT_HARD, NANO_MODEL, compose_config
 
@@ -180,6 +180,40 @@ def test_one_forced_path_gives_the_estimator_with_the_old_baseline() -> None:
     torch.testing.assert_close(losses.loss, -objective.sum().detach() / n, **TOL)
     torch.testing.assert_close(gradient(model, losses.loss), reference, **TOL)
     torch.testing.assert_close(att.baseline, 0.9 * b + 0.1 * R.sum(), **TOL)
+
+
+# An outside reward: a sequence-level score (such as SCST's CIDEr-D) instead of log p(y|s̃,a).
+
+
+def test_an_outside_reward_and_baseline_replace_the_likelihood_and_the_moving_average() -> None:
+    reward_weight, entropy_weight, b = 0.4, 0.3, -1.7
+    model = nano_model(
+        *EXACT_HARD,
+        "model.attention.reward=word",  # applies to the log-likelihood only, not to R from outside
+        f"model.attention.reward_weight={reward_weight}",
+        f"model.attention.entropy_weight={entropy_weight}",
+    )
+    att = set_baseline(model, b)
+    captions, x = CAPTION.expand(2, -1), images(2)
+    out = model.decoder.packed(model.encode(x), captions, torch.tensor([[2, 0, 3], [1, 1, 0]]))
+    nll = torch.nn.functional.cross_entropy(out.logits, out.targets, reduction="none")
+    steps = CaptionSteps(2, out.rows, nll, out.location_log_probs, out.entropies, out.sampled)
+    log_p_s = steps.per_caption(out.location_log_probs)  # (2,) log p(s̃|a)
+    entropy = steps.per_caption(out.entropies)  # (2,) Σ_t H[α_t]
+    reward = torch.tensor([0.8, 0.1], dtype=torch.float64, requires_grad=True)
+    outside = torch.tensor([0.5, 0.2], dtype=torch.float64)
+    term = att.surrogate(steps, reward=reward, baseline=outside)
+    expected = reward_weight * (reward - outside) * log_p_s + entropy_weight * entropy
+    torch.testing.assert_close(term, expected.detach(), **TOL)
+    term.sum().backward()
+    assert reward.grad is None  # R weighs ∂log p(s̃|a); it is not differentiated
+    # An outside baseline leaves the moving average alone.
+    assert att.baseline.item() == b and att.baseline_updates.item() == 1
+    # Without one, the moving average is b and moves towards the outside reward.
+    term = att.surrogate(steps, reward=reward)
+    expected = reward_weight * (reward - b) * log_p_s + entropy_weight * entropy
+    torch.testing.assert_close(term, expected.detach(), **TOL)
+    torch.testing.assert_close(att.baseline, 0.9 * b + 0.1 * reward.detach().mean(), **TOL)
 
 
 # The baseline: a moving average of the sampled captions' rewards.

@@ -23,6 +23,17 @@ from tests.test_visualize import images, tiny_model
 GRID = (8, 8)
 
 
+# Per word, each head's window: one head for local attention, two under multi-head attention.
+WINDOWS = {
+    "local": [[(0.5, 0.5, 1)], [(7.5, 7.5, 1)], [(4.0, 4.0, 1)]],
+    "local_heads": [
+        [(0.5, 0.5, 1), (2.5, 6.5, 1)],
+        [(7.5, 7.5, 1), (1.0, 1.0, 1)],
+        [(4.0, 4.0, 1)] * 2,
+    ],
+}
+
+
 def peaked_view(kind: str = "soft") -> AttentionView:
     """Three words: all attention on the top-left cell, on the bottom-right cell, uniform."""
     alphas = torch.zeros(3, 64)
@@ -35,7 +46,7 @@ def peaked_view(kind: str = "soft") -> AttentionView:
         grid=GRID,
         betas=torch.tensor([0.9, 0.5, 0.25]),
         locations=torch.tensor([0, 63, 27]) if kind == "hard" else None,
-        windows=[(0.5, 0.5, 1), (7.5, 7.5, 1), (4.0, 4.0, 1)] if kind == "local" else None,
+        windows=WINDOWS.get(kind),
         log_prob=-1.5,
     )
 
@@ -70,9 +81,9 @@ def test_records_of_each_attention(attention: str) -> None:
         if attention == "hard":
             assert record["locations"] == gen.locations[b, :n].tolist()
         if attention == "local":
-            for t, window in enumerate(record["windows"]):
+            for t, heads in enumerate(record["windows"]):
                 p = gen.positions[b, t].tolist()
-                assert window["cells"] == list(window_cells((*p, 2), GRID))
+                assert [w["cells"] for w in heads] == [list(window_cells((*p, 2), GRID))]
         compact = attention_record(view, compact=True)
         assert "attention" not in compact
         # 8 bits relative to the caption's peak: within half a step of the floats.
@@ -146,7 +157,7 @@ def open_report(browser, path: Path):
     return page, errors
 
 
-@pytest.mark.parametrize("attention", ["soft", "hard", "local"])
+@pytest.mark.parametrize("attention", ["soft", "hard", "local", "local_heads"])
 def test_hovering_a_word_shows_its_heat_map(attention: str, browser, tmp_path: Path) -> None:
     image = gray_image(tmp_path / "gray.png")
     report = tmp_path / "report.html"
@@ -173,7 +184,7 @@ def test_hovering_a_word_shows_its_heat_map(attention: str, browser, tmp_path: P
 
     # Marks: hard attention's sampled cell in cyan, local attention's window in green.
     assert (cyan(second) > 20) == (attention == "hard")
-    assert (green(second) > 20) == (attention == "local")
+    assert (green(second) > 20) == attention.startswith("local")
     assert errors == [] and browser.outside == []
     page.close()
 

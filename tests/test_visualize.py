@@ -11,9 +11,15 @@ import torch
 from PIL import Image
 
 from caption.checkpoint import build_model
-from caption.data.vocab import END_ID
+from caption.data.vocab import END_ID, SPECIALS, Vocabulary
 from caption.models.captioner import Captioner
-from caption.visualize import attention_figure, heat_maps, local_windows, window_cells
+from caption.visualize import (
+    attention_figure,
+    attention_views,
+    heat_maps,
+    local_windows,
+    window_cells,
+)
 from tests.conftest import ROOT, TINY_MODEL, compose_config, run
 
 V = 20
@@ -99,6 +105,34 @@ def test_local_window_matches_where_alpha_is_nonzero() -> None:
             box[r0 : r1 + 1, c0 : c1 + 1] = True
             assert torch.equal(gen.alphas[b, t].view(8, 8) > 0, box)
         assert torch.isnan(gen.positions[~real]).all()
+
+
+def test_multi_head_local_attention_outlines_every_head_window() -> None:
+    """Under multi-head attention each head has its own window: the view keeps all of them,
+    the mean α is non-zero exactly on their union, and the figure outlines each."""
+    heads = 2
+    model = tiny_model("model/attention=local", f"model.heads={heads}")
+    with torch.no_grad():  # no <end>: every caption has max_len words to look at
+        model.decoder.L_o.bias[END_ID] = float("-inf")
+    vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(V - len(SPECIALS)))])
+    for strategy in ("greedy", "beam"):
+        gen = model.generate(images(2), strategy=strategy, beam_size=3, max_len=6)
+        assert gen.positions is not None
+        assert gen.positions.shape == (*gen.alphas.shape[:2], heads, 2)
+        for b, view in enumerate(attention_views(model, vocab, gen)):
+            assert view.windows is not None and len(view.windows) == len(view.words)
+            for t, windows in enumerate(view.windows):
+                assert len(windows) == heads and all(w[2] == 2 for w in windows)
+                union = torch.zeros(8, 8, dtype=torch.bool)
+                for window in windows:
+                    r0, r1, c0, c1 = window_cells(window, (8, 8))
+                    union[r0 : r1 + 1, c0 : c1 + 1] = True
+                assert torch.equal(gen.alphas[b, t].view(8, 8) > 0, union)
+    view = attention_views(model, vocab, gen)[0]
+    assert len(view.words) == 6
+    fig = attention_figure(images(1)[0], view.words, view.alphas, view.grid, windows=view.windows)
+    for ax in fig.axes[1:]:
+        assert gids(ax).count("local-window") == heads
 
 
 def test_window_cells_clip_at_the_grid() -> None:

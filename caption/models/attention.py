@@ -6,6 +6,12 @@ as beam search's K hypotheses do: they share the image's annotations and `prepar
 and α and ẑ then have B·K rows. The score function f_att is a separate module
 (`caption.models.scores`), so that each variant is a Hydra config-group swap
 (`model/score=...`, `model/attention=...`).
+
+Every attention declares what the rest of the model may rely on, so that nothing outside the
+attention modules asks for its type: `stochastic` (it samples where it looks, so it has a
+training signal of its own), `window` (the radius of the window it looks in, None for the whole
+grid) and `samples` (location samples per image in training). Its `surrogate` is that training
+signal: the term the loss subtracts so that the loss's gradient is the attention's estimator.
 """
 
 from __future__ import annotations
@@ -23,13 +29,32 @@ class AttentionOutput(NamedTuple):
     location: Tensor  # (B,) the cell a hard model chose, else the most attended cell
     log_prob: Tensor | None = None  # (B,) log p(s_t | a) of a sampled cell; 0 where not sampled
     entropy: Tensor | None = None  # (B,) H[α_t], for the hard estimator's entropy term
-    # (B, 2) p_t = (row, col) in cell units, local attention only: with its `window` radius
-    # that is enough to outline the window a word was allowed to look at.
+    # (B, 2) p_t = (row, col) in cell units, attentions with a `window` only ((B, h, 2) for
+    # h windowed heads): with the radius that is enough to outline the window a word could use.
     position: Tensor | None = None
     # (B,) bool, hard attention only: the context is the one cell a_{s_t}, not the expectation
     # Σ_i α_i a_i. In training these are the sequences whose coin said "sample": only their
     # rewards say anything about log p(y | s̃, a), so only they move the baseline.
     sampled: Tensor | None = None
+
+
+class CaptionSteps(NamedTuple):
+    """The real steps of a teacher-forced batch of B captions, one row per (caption, step).
+
+    What an attention's `surrogate` reads: the word each step scored, and the terms a
+    stochastic attention recorded there (None for a deterministic one).
+    """
+
+    captions: int  # B
+    rows: Tensor  # (n,) the caption (0 .. B-1) of each step
+    nll: Tensor  # (n,) −log p(y_t | ..) of each step's target word
+    location_log_probs: Tensor | None  # (n,) log p(s_t | a) of a sampled cell, 0 where expected
+    entropies: Tensor | None  # (n,) H[α_t]
+    sampled: Tensor | None  # (n,) bool: the step looked at one sampled cell
+
+    def per_caption(self, x: Tensor) -> Tensor:
+        """(n, ...) step values -> (B, ...) summed over each caption's steps."""
+        return x.new_zeros(self.captions, *x.shape[1:]).index_add(0, self.rows, x)
 
 
 def expectation(alpha: Tensor, annotations: Tensor) -> Tensor:
@@ -48,6 +73,10 @@ class SoftAttention(nn.Module):
         query_dim: H, the decoder state size.
         key_dim: D, the annotation vector size.
     """
+
+    stochastic: bool = False  # it samples where it looks: its training signal is its own
+    window: int | None = None  # the radius of the window it may look in; None: the whole grid
+    samples: int = 1  # location samples per image in training
 
     def __init__(self, score: Callable[..., nn.Module], query_dim: int, key_dim: int) -> None:
         super().__init__()
@@ -81,6 +110,16 @@ class SoftAttention(nn.Module):
         context = expectation(alpha, annotations)  # (B, D)
         return AttentionOutput(context, alpha, alpha.argmax(dim=-1))
 
+    def surrogate(
+        self, steps: CaptionSteps, reward: Tensor | None = None, baseline: Tensor | None = None
+    ) -> Tensor | None:
+        """The attention's own training term per caption (B,), which the loss subtracts.
+
+        A deterministic attention has none: backpropagation through the NLL trains it.
+        `HardAttention.surrogate` says what the arguments mean.
+        """
+        return None
+
 
 class HardMemory(NamedTuple):
     keys: Tensor  # (B, L, A) the score's precomputed keys
@@ -92,8 +131,9 @@ class HardAttention(SoftAttention):
 
     Training maximises the lower bound L_s = Σ_s p(s|a) log p(y|s,a) with the Monte Carlo
     gradient 1/N Σ_n [∂log p(y|s̃ⁿ,a) + λ_r (log p(y|s̃ⁿ,a) − b) ∂log p(s̃ⁿ|a) + λ_e ∂H[s̃ⁿ]].
-    The decoder records log p(s̃|a) and H per step; `Captioner.loss` turns them into a
-    surrogate loss whose gradient is that estimator, and this module keeps the baseline b.
+    The decoder records log p(s̃|a) and H per step; `surrogate` turns them into the term whose
+    gradient is the estimator's score-function and entropy part (the NLL gives the first), and
+    this module keeps the baseline b.
 
     Args:
         score: builds the score function given `query_dim` and `key_dim`.
@@ -117,6 +157,7 @@ class HardAttention(SoftAttention):
     COINS = ("image", "batch")
     DECODES = ("expectation", "argmax", "sample")
     REWARDS = ("caption", "word")
+    stochastic = True
 
     def __init__(
         self,
@@ -206,6 +247,42 @@ class HardAttention(SoftAttention):
         log_prob = log_alpha.gather(1, location.unsqueeze(1)).squeeze(1).masked_fill(expect, 0.0)
         entropy = -(alpha * log_alpha).sum(dim=-1)  # (B,) H[α_t]
         return AttentionOutput(context, alpha, location, log_prob, entropy, sampled=~expect)
+
+    def surrogate(
+        self, steps: CaptionSteps, reward: Tensor | None = None, baseline: Tensor | None = None
+    ) -> Tensor:
+        """Per caption (B,), the term whose gradient is the score-function and entropy part
+        of the estimator: λ_r (R − b) log p(s̃|a) + λ_e Σ_t H[α_t]; then b moves.
+
+        R is detached: it weighs ∂log p(s̃|a) and is not itself differentiated (its gradient is
+        the NLL term's). The advantage uses b from before this batch's update: b must not depend
+        on this batch's s̃, or the estimator is biased.
+
+        Args:
+            steps: the batch's steps, with the terms this attention recorded on them.
+            reward: (B,) R per caption from outside, e.g. a sequence-level CIDEr-D reward
+                (taken as is, detached); None: log p(y | s̃, a), or per word (`reward`).
+            baseline: (B,) or () b to subtract instead of the moving average, which then
+                stays where it is; None: the moving average, which moves towards this R.
+        """
+        per_caption = steps.per_caption
+        if reward is None:
+            reward = -per_caption(steps.nll).detach()  # (B,) R = log p(y | s̃, a)
+            if self.reward == "word":  # the authors' code: the mean per-word log-likelihood
+                reward = reward / per_caption(torch.ones_like(steps.nll))
+        else:
+            reward = reward.detach()
+        b = self.baseline if baseline is None else baseline
+        log_p_s = per_caption(steps.location_log_probs)  # (B,) log p(s̃ | a), 0 where expected
+        entropy = per_caption(steps.entropies)  # (B,) Σ_t H[α_t]
+        advantage = reward - b  # b from before this batch
+        surrogate = self.reward_weight * advantage * log_p_s
+        surrogate = surrogate + self.entropy_weight * entropy
+        # One coin per caption: a caption sampled if its steps did.
+        sampled = per_caption(steps.sampled.to(reward.dtype)) > 0  # (B,)
+        if baseline is None:  # an outside baseline leaves the moving average alone
+            self.update_baseline(reward, sampled)
+        return surrogate
 
     @torch.no_grad()
     def update_baseline(self, reward: Tensor, sampled: Tensor) -> None:

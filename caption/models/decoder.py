@@ -28,7 +28,9 @@ class DecoderOutput(NamedTuple):
     locations: Tensor  # (B, T-1) the cell looked at per word
     location_log_probs: Tensor | None  # (B, T-1) log p(s_t | a), hard attention only
     entropies: Tensor | None  # (B, T-1) H[α_t], hard attention only
-    positions: Tensor | None = None  # (B, T-1, 2) local attention's p_t (row, col) in cells
+    # (B, T-1, 2) a window's p_t (row, col) in cells, attentions with a window only; (B, T-1, h, 2)
+    # for h windowed heads
+    positions: Tensor | None = None
     sampled: Tensor | None = None  # (B, T-1) bool: looked at one cell a_s, hard attention only
 
 
@@ -45,7 +47,7 @@ class PackedOutput(NamedTuple):
     locations: Tensor  # (N,)
     location_log_probs: Tensor | None  # (N,) hard attention only
     entropies: Tensor | None  # (N,) hard attention only
-    positions: Tensor | None  # (N, 2) local attention only
+    positions: Tensor | None  # (N, 2) attentions with a window only ((N, h, 2) for h heads)
     targets: Tensor  # (N,) the word each row predicts, never `<pad>`
     rows: Tensor  # (N,) the caption (row of the input batch) of each packed row
     steps: Tensor  # (N,) its step t

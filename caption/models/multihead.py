@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from caption.models.attention import AttentionOutput
+from caption.models.attention import AttentionOutput, CaptionSteps
 
 
 class MultiHeadMemory(NamedTuple):
@@ -21,7 +21,8 @@ class MultiHeadAttention(nn.Module):
 
     Head j attends over W_v^j a (B, L, D/h), which serves as its keys and values; its own score
     function projects the query h_{t-1}. The h contexts are concatenated and projected by W_o.
-    α is reported as the mean over heads, so that the penalty and the visualizer see one map.
+    α is reported as the mean over heads, so that the penalty and the visualizer see one map;
+    a windowed head's p_t is reported per head, (B, h, 2), since each head has its own window.
     With h = 1 the decoder uses the plain single-head attention instead of this module.
 
     Args:
@@ -53,7 +54,11 @@ class MultiHeadAttention(nn.Module):
             attention(score=score, query_dim=query_dim, key_dim=self.head_dim) for _ in range(heads)
         )
         self.out = nn.Linear(key_dim, key_dim, bias=False)  # W_o
-        if any(hasattr(head, "update_baseline") for head in self.attend):
+        # What the heads declare, the whole declares: every head is built alike.
+        self.stochastic: bool = any(head.stochastic for head in self.attend)
+        self.window: int | None = self.attend[0].window
+        self.samples: int = 1
+        if self.stochastic:
             raise ValueError(
                 "model.heads > 1 works with soft and local attention; hard "
                 "attention samples one location per word, so use model.heads=1"
@@ -87,4 +92,22 @@ class MultiHeadAttention(nn.Module):
         ]
         context = self.out(torch.cat([o.context for o in outs], dim=-1))  # (B, h*D/h) -> (B, D)
         alpha = torch.stack([o.alpha for o in outs]).mean(dim=0)  # (B, L) mean over heads
-        return AttentionOutput(context, alpha, alpha.argmax(dim=-1))
+        position = None
+        if outs[0].position is not None:  # (B, h, 2) each head's window centre
+            position = torch.stack([o.position for o in outs], dim=1)
+        return AttentionOutput(context, alpha, alpha.argmax(dim=-1), position=position)
+
+    def surrogate(
+        self, steps: CaptionSteps, reward: Tensor | None = None, baseline: Tensor | None = None
+    ) -> Tensor | None:
+        """The heads' training terms per caption (B,), summed; None when no head has one.
+
+        The heads are deterministic (a stochastic one is refused), so this is None today; it
+        delegates so that the whole stays what its heads are.
+        """
+        terms = [
+            term
+            for head in self.attend
+            if (term := head.surrogate(steps, reward, baseline)) is not None
+        ]
+        return torch.stack(terms).sum(dim=0) if terms else None

@@ -3,7 +3,8 @@
  * A record is what caption.report.attention_record returns: the words and their gates
  * (betas), the encoder grid [H', W'], the colour scale (vmax: one number, or one per word),
  * the attention rows (floats in `attention`, or uint8 in base64 `attention_u8` scaled by
- * `attention_max`), and hard attention's `locations` or local attention's `windows`.
+ * `attention_max`), and hard attention's `locations` or local attention's `windows` (per
+ * word, one window per head).
  *
  * Word t's heat map is its H'×W' map interpolated bilinearly between cell centres to the
  * canvas, coloured with the colormap of the PNG figures and blended over the image. Hovering a
@@ -84,8 +85,8 @@ const AttentionView = (() => {
       ctx.lineWidth = 2;
       ctx.strokeRect(j * cw + 1, i * ch + 1, cw - 2, ch - 2);
     }
-    const win = rec.windows && rec.windows[t];
-    if (win) {
+    for (const win of (rec.windows && rec.windows[t]) || []) {
+      if (!win) continue;
       const [r0, r1, c0, c1] = win.cells;
       ctx.strokeStyle = config.window_color;
       ctx.lineWidth = 1.5;
