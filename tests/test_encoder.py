@@ -1,4 +1,4 @@
-"""Tests for caption.models.encoder: shapes, freezing, grid pooling, weight loading, errors."""
+"""Tests for caption.models.encoder and .backbones: shapes, freezing, grids, weights, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torchvision.models as tvm
 from torch import nn
 
 from caption.errors import CaptionError
-from caption.models.encoder import BACKBONES, Encoder, coord_grid, receptive_field
+from caption.models.backbones import BACKBONES, receptive_field
+from caption.models.encoder import Encoder, coord_grid
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "encoder"
 needs_timm = pytest.mark.skipif(

@@ -17,15 +17,15 @@ import torchvision.models as tvm
 from torch import nn
 
 from caption.errors import CaptionError
-from caption.models.encoder import (
+from caption.models.backbones import (
     BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Encoder,
     efficientnet_lite0_classifier,
     imagenet_weights_file,
     native_image_size,
 )
+from caption.models.encoder import Encoder
 
 ESPRESSO = 967  # ImageNet-1k class index
 
