@@ -175,9 +175,9 @@ def phase_shapes_train(args: argparse.Namespace, work: Path, device: torch.devic
 
 
 def phase_shapes_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
-    from caption.checkpoint import load_captioner
     from caption.data.dataset import ImageBank
     from caption.data.karpathy import read_karpathy
+    from caption.models.build import load_captioner
 
     model, _, cfg = load_captioner(work / "run" / "checkpoints" / "last.pt", device)
     records = read_karpathy(work / "shapes" / "dataset_shapes.json")["test"]

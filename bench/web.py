@@ -31,10 +31,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from caption.browser import CHROMIUM, launch_chromium
-from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR
 from caption.data.images import load_image
 from caption.data.shapes import generate_shapes
+from caption.models.build import load_captioner
 from caption.runtime import configure_cpu
 from caption.visualize import visualize
 

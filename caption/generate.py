@@ -9,11 +9,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from caption.checkpoint import load_captioner
 from caption.config import check_decoding, check_float, check_int, resolve_device
 from caption.data.images import expand_images
 from caption.files import PartialLines
 from caption.inference import caption_files, caption_line
+from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 

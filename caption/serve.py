@@ -29,10 +29,10 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from caption.checkpoint import load_captioner
 from caption.config import check_bool, check_choice, check_float, check_int, resolve_device
 from caption.data.images import image_tensor
 from caption.errors import CaptionError
+from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.report import attention_record, render_page
 from caption.runtime import configure_cpu

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
+from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.config import check_train_config
 from caption.data.dataset import (
     CaptionBatch,
@@ -55,6 +55,7 @@ from caption.distributed import (
 from caption.errors import CaptionError, first_line
 from caption.files import advised, atomic_file
 from caption.inference import score_bank
+from caption.models.build import build_model
 from caption.models.captioner import Captioner
 from caption.overrides import hydra_command
 from caption.resume import StopSignals, capture_rng, restore_rng, resume_path, sync_metrics

@@ -38,7 +38,6 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from caption.checkpoint import load_captioner
 from caption.config import check_choice, check_decoding, check_int, resolve_device
 from caption.data.formats import read_split
 from caption.data.images import MAX_PIXELS, expand_images, read_rgb
@@ -48,6 +47,7 @@ from caption.errors import CaptionError
 from caption.files import advice, advised, atomic_file
 from caption.inference import caption_files
 from caption.models.attention import HardAttention
+from caption.models.build import load_captioner
 from caption.models.captioner import Captioner, Generated
 from caption.models.local import LocalAttention
 from caption.overrides import hydra_command

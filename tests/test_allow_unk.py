@@ -12,7 +12,7 @@ import pytest
 import torch
 from fastapi import UploadFile
 
-from caption.checkpoint import build_model, load_captioner, load_checkpoint, save_checkpoint
+from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.config import check_train_config
 from caption.data.dataset import ImageBank
 from caption.data.formats import read_split
@@ -21,6 +21,7 @@ from caption.errors import CaptionError
 from caption.evaluate import evaluate
 from caption.generate import generate
 from caption.inference import score_bank
+from caption.models.build import build_model, load_captioner
 from caption.models.captioner import Captioner
 from caption.serve import create_app
 from caption.visualize import visualize

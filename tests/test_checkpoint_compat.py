@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from caption.checkpoint import build_model, load_captioner, save_checkpoint
+from caption.checkpoint import save_checkpoint
 from caption.data.vocab import SPECIALS, UNK_ID
+from caption.models.build import build_model, load_captioner
 from caption.models.scores import AdditiveScore
 from tests.conftest import TINY_MODEL, compose_config
 

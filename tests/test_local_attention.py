@@ -7,9 +7,9 @@ from functools import partial
 import pytest
 import torch
 
-from caption.checkpoint import build_model
 from caption.data.vocab import PAD_ID
 from caption.models.attention import SoftAttention
+from caption.models.build import build_model
 from caption.models.local import LocalAttention
 from caption.models.scores import AdditiveScore
 from tests.conftest import TINY_MODEL, compose_config

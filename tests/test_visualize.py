@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from caption.checkpoint import build_model
 from caption.data.vocab import END_ID
+from caption.models.build import build_model
 from caption.models.captioner import Captioner
 from caption.visualize import attention_figure, heat_maps, local_windows, window_cells
 from tests.conftest import ROOT, TINY_MODEL, compose_config, run
