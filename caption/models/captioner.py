@@ -48,8 +48,9 @@ class Captioner(nn.Module):
         vocab_size: V.
         doubly_stochastic: λ of the penalty λ Σ_i (1 - Σ_t α_ti)² (0 switches it off): the
             authors' alpha_c, see `loss` for the normalisation.
-        encoder_self_attention: options of `AnnotationSelfAttention` (`layers`, `heads`,
-            `ff_dim`, `dropout`): self-attention over the annotation vectors before decoding.
+        encoder_self_attention: self-attention over the annotation vectors before decoding:
+            an `AnnotationSelfAttention`, or its options (`layers`, `heads`, `ff_dim`,
+            `dropout`) to build one.
         **decoder_kwargs: the remaining `Decoder` options.
     """
 
@@ -60,14 +61,15 @@ class Captioner(nn.Module):
         score: Callable[..., nn.Module],
         vocab_size: int,
         doubly_stochastic: float = 1.0,
-        encoder_self_attention: Mapping[str, Any] | None = None,
+        encoder_self_attention: Mapping[str, Any] | AnnotationSelfAttention | None = None,
         **decoder_kwargs: Any,
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.self_attention = AnnotationSelfAttention(
-            encoder.out_dim, **(encoder_self_attention or {})
-        )
+        if not isinstance(encoder_self_attention, AnnotationSelfAttention):
+            options = encoder_self_attention or {}
+            encoder_self_attention = AnnotationSelfAttention(encoder.out_dim, **options)
+        self.self_attention = encoder_self_attention
         self.decoder = Decoder(vocab_size, encoder.out_dim, attention, score, **decoder_kwargs)
         self.doubly_stochastic = doubly_stochastic
 

@@ -130,7 +130,7 @@ class Encoder(nn.Module):
                 f"fine_tune_from_epoch must be >= 0, got {fine_tune_from_epoch}"
             )
         if lr is not None and not float(lr) > 0:
-            raise EncoderConfigError(f"model.encoder.lr must be a positive float or null, got {lr}")
+            raise EncoderConfigError(f"lr must be a positive float or null, got {lr}")
         self.name = name
         self.grid_size = None if grid_size is None else int(grid_size)
         self.coord_channels = bool(coord_channels) and name == "small_cnn"

@@ -43,8 +43,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         if heads < 2 or key_dim % heads:
             raise ValueError(
-                f"model.heads must be >= 2 and divide the annotation size "
-                f"D = {key_dim}, got {heads}"
+                f"heads must be >= 2 and divide the annotation size D = {key_dim}, got {heads}"
             )
         self.heads = heads
         self.head_dim = key_dim // heads
@@ -55,8 +54,8 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(key_dim, key_dim, bias=False)  # W_o
         if any(hasattr(head, "update_baseline") for head in self.attend):
             raise ValueError(
-                "model.heads > 1 works with soft and local attention; hard "
-                "attention samples one location per word, so use model.heads=1"
+                "heads > 1 works with soft and local attention; hard attention samples "
+                "one location per word, so set heads to 1"
             )
 
     def prepare(self, annotations: Tensor) -> MultiHeadMemory:
