@@ -243,7 +243,7 @@ def phase_decode(args: argparse.Namespace, work: Path, device: torch.device) -> 
     records = read_dataset(
         data / "Flickr8k.token.txt", data / "Flicker8k_Dataset", format="flickr8k"
     )["test"][: args.decode_images]
-    size = cfg.data.image_size
+    size = model.image_size
     start = time.perf_counter()
     bank = ImageBank(records, size, preload=True)  # as caption-evaluate reads them
     load_seconds = time.perf_counter() - start

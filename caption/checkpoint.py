@@ -21,7 +21,9 @@ FORMAT = "caption-checkpoint"
 # 1: weights, optimizer, scheduler, config, vocabulary, progress, torch's RNG.
 # 2: adds the position inside the epoch and its running sums, and every generator's state
 #    (Python, NumPy, torch CPU and CUDA) per rank; version 1 files still load and resume.
-VERSION = 2
+# 3: the model config holds `encoder.image_size`, the side the model is fed; for older files
+#    `caption.models.build.stored_config` takes it from `data.image_size`.
+VERSION = 3
 
 
 def save_checkpoint(path: str | Path, **content: Any) -> None:

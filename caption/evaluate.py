@@ -166,7 +166,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
     records = _records(cfg, train_cfg.data)
     check_images({cfg.split: records})
-    bank = ImageBank(records, train_cfg.data.image_size, preload=True)
+    bank = ImageBank(records, model.image_size, preload=True)
     captions = decode_bank(
         model,
         bank,

@@ -35,16 +35,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     check_int(cfg, "max_image_pixels", 1, optional=True)
     device = resolve_device(cfg.device)
     configure_cpu()
-    model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
+    model, vocab, _ = load_captioner(cfg.checkpoint, device)
     files = expand_images(cfg.images)
-    size = train_cfg.data.image_size
     captioned, failed = 0, []
     # A file grows under <output>.partial and gets its name when every image is done.
     with PartialLines(cfg.output, "captions") if cfg.output else _Stdout() as out:
         batches = caption_files(
             model,
             files,
-            size,
             failed,
             batch_size=cfg.batch_size,
             device=device,

@@ -408,7 +408,6 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     batches = caption_files(
         model,
         files,
-        train_cfg.data.image_size,
         failed,
         batch_size=cfg.batch_size,
         device=device,

@@ -157,7 +157,7 @@ def test_evaluate_and_validation_decode_unk_only_with_allow_unk(
         assert json.loads((out / "m.json").read_text())["allow_unk"] is allow
     # Validation decodes with trainer.val, as caption-train passes it to score_bank.
     model, vocab, train_cfg = load_captioner(favoured)
-    bank = ImageBank(read_split(train_cfg.data, "val"), train_cfg.data.image_size, preload=True)
+    bank = ImageBank(read_split(train_cfg.data, "val"), model.image_size, preload=True)
     for allow in (False, True):
         val = compose_config("train", ["run_dir=unused", f"trainer.val.allow_unk={allow}"])
         _, captions = score_bank(model, bank, vocab, device="cpu", **val.trainer.val)

@@ -1,9 +1,11 @@
-"""Building the model from its config: a refused setting is one line naming its config key."""
+"""Building the model from its config: a refused setting is one line naming its config key,
+and the model knows the image size it is trained at."""
 
 from __future__ import annotations
 
 import pytest
 
+from caption.config import check_train_config
 from caption.errors import CaptionError
 from caption.models.build import build_model
 from tests.conftest import TINY_MODEL, compose_config
@@ -33,3 +35,12 @@ def test_a_refused_setting_names_its_config_key(overrides: list[str], message: s
     text = str(info.value)
     assert text.startswith(f"config: {message}"), text
     assert "\n" not in text
+
+
+def test_the_model_takes_its_image_size_from_the_data_config() -> None:
+    cfg = compose_config("train", [*TINY_MODEL, "run_dir=.", "data.image_size=48"])
+    assert build_model(cfg.model, vocab_size=12).image_size == 48
+    check_train_config(cfg)
+    cfg = compose_config("train", [*TINY_MODEL, "run_dir=.", "model.encoder.image_size=64"])
+    with pytest.raises(CaptionError, match=r"model\.encoder\.image_size=64 differs from data"):
+        check_train_config(cfg)

@@ -127,16 +127,35 @@ def _retarget(node: Any) -> Any:
     return node
 
 
+def stored_config(ckpt: Mapping[str, Any]) -> DictConfig:
+    """A checkpoint's training config in today's terms: what older files lack is filled in
+    here, and only here.
+
+    - moved classes get their new `_target_` (MOVED_TARGETS);
+    - `model.encoder.image_size`, the side the model is fed, saved since format version 3,
+      is taken from `data.image_size` (what training resized to) when absent.
+    """
+    config = _retarget(ckpt["config"])  # a copy: the checkpoint itself stays as read
+    encoder = config["model"]["encoder"]
+    if encoder.get("image_size") is None:
+        encoder["image_size"] = config["data"]["image_size"]
+    return OmegaConf.create(config)
+
+
 def load_captioner(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Captioner, Vocabulary, DictConfig]:
     """Rebuild the model from a checkpoint alone, ready for inference.
 
+    The model knows its input (`model.image_size`, `model.prepare`), so no caller needs the
+    training config for it.
+
     Returns:
-        The model in eval mode on `device`, its vocabulary and its training config.
+        The model in eval mode on `device`, its vocabulary and its training config (see
+        `stored_config`).
     """
     ckpt = load_checkpoint(path, map_location=device)
-    cfg = OmegaConf.create(_retarget(ckpt["config"]))  # older checkpoints name moved classes
+    cfg = stored_config(ckpt)
     vocab = Vocabulary(ckpt["vocab"])
     model = build_model(cfg.model, len(vocab), from_checkpoint=True)
     try:

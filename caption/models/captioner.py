@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
+from caption.data.images import MAX_PIXELS
 from caption.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from caption.models.attention import HardAttention
 from caption.models.decoder import Decoder, DecoderOutput, DecoderStep, PackedOutput
@@ -72,6 +75,18 @@ class Captioner(nn.Module):
         self.self_attention = encoder_self_attention
         self.decoder = Decoder(vocab_size, encoder.out_dim, attention, score, **decoder_kwargs)
         self.doubly_stochastic = doubly_stochastic
+
+    @property
+    def image_size(self) -> int:
+        """The side S of the square images this model takes (its encoder's, saved with it)."""
+        return self.encoder.image_size
+
+    def prepare(
+        self, image: Image.Image | str | Path, max_pixels: int | None = MAX_PIXELS
+    ) -> Tensor:
+        """An image (PIL, or a file's path) as this model's input, uint8 (3, S, S): resized
+        whole to its square as in training (see `Encoder.prepare`)."""
+        return self.encoder.prepare(image, max_pixels)
 
     def encode(self, images: Tensor) -> Tensor:
         """Annotation vectors a (B, L, D) of uint8 or [0, 1] float images (B, 3, S, S).

@@ -1,20 +1,24 @@
 """CNN encoder: images -> a grid of annotation vectors a_i, shape (B, L, D) with L = H' * W'.
 
 The encoder runs a backbone of `caption.models.backbones` (the grid each gives is listed
-there) and knows its input: the square side images are resized to (`image_size`) and the
-normalisation its weights expect. Images arrive in [0, 1] (or uint8, see `Captioner.encode`);
-the encoder normalises them itself, so a checkpoint needs no outside preprocessing.
+there) and knows its input: `prepare` turns an image into what it was trained on (resized
+whole to the `image_size` square, as training did), and `forward` normalises with the
+statistics its weights expect (`mean`, `std`). A checkpoint thus needs no outside
+preprocessing.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
+from caption.data.images import MAX_PIXELS, image_tensor, load_image
 from caption.models.backbones import EncoderConfigError, get_backbone
 
 
@@ -74,9 +78,10 @@ def coord_grid(H: int, W: int, device: torch.device, dtype: torch.dtype) -> Tens
 class Encoder(nn.Module):
     """Image encoder: (B, 3, H, W) in [0, 1] -> annotation vectors (B, L, D), L = H' * W'.
 
-    Normalises with its backbone's mean/std itself, so checkpoints need no outside
-    preprocessing. The trunk is a sequence of blocks (`blocks()`); the top k of them can be
-    fine-tuned while the rest stay frozen, in eval mode, and run without an autograd graph.
+    Knows its input: `image_size`, the square it is fed (`prepare` makes one), and `mean` /
+    `std` (1, 3, 1, 1), its backbone's normalisation, which `forward` applies itself. The
+    trunk is a sequence of blocks (`blocks()`); the top k of them can be fine-tuned while the
+    rest stay frozen, in eval mode, and run without an autograd graph.
 
     Args:
         name: a key of `backbones.BACKBONES`; "small_cnn" is the from-scratch default for
@@ -98,10 +103,14 @@ class Encoder(nn.Module):
             loop applies it by calling `set_epoch(epoch)` at the start of each epoch.
         lr: a learning rate of its own for the encoder's parameters (None: the optimizer's).
             Read by the training loop for the encoder's optimizer param group.
+        image_size: the side S of the square images are resized to, in training and after
+            (None: the backbone's `native_image_size`). The config sets it from
+            `data.image_size`, so checkpoints carry it.
 
     Raises:
-        ValueError: an unknown name, weights asked of small_cnn, a bad grid_size or
-            fine-tuning setting (an EncoderConfigError, which the CLI prints as one line).
+        ValueError: an unknown name, weights asked of small_cnn, a bad grid_size,
+            image_size or fine-tuning setting (an EncoderConfigError; `build_model` names
+            its config key).
         RuntimeError: weights that cannot be fetched or loaded (an EncoderWeightsError).
         ImportError: efficientnet_lite0 without the `pretrained` extra (EncoderDependencyError).
     """
@@ -118,6 +127,7 @@ class Encoder(nn.Module):
         fine_tune_top: int | None = None,
         fine_tune_from_epoch: int = 0,
         lr: float | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
         spec = get_backbone(name)
@@ -131,10 +141,13 @@ class Encoder(nn.Module):
             )
         if lr is not None and not float(lr) > 0:
             raise EncoderConfigError(f"lr must be a positive float or null, got {lr}")
+        if image_size is not None and int(image_size) < 1:
+            raise EncoderConfigError(f"image_size must be a positive int or null, got {image_size}")
         self.name = name
         self.grid_size = None if grid_size is None else int(grid_size)
         self.coord_channels = bool(coord_channels) and name == "small_cnn"
         self.native_image_size = spec.native_image_size
+        self.image_size = self.native_image_size if image_size is None else int(image_size)
         trunk = spec.build(
             pretrained=pretrained,
             weights_path=weights_path or None,  # `weights_path=` on the command line gives ""
@@ -157,6 +170,27 @@ class Encoder(nn.Module):
         self._grids: dict[tuple[int, int], tuple[int, int]] = {}  # input size -> grid, cached
         self.trainable_top = 0
         self.set_trainable_top(self.fine_tune_top if self.fine_tune_from_epoch <= 1 else 0)
+
+    def prepare(
+        self, image: Image.Image | str | Path, max_pixels: int | None = MAX_PIXELS
+    ) -> Tensor:
+        """An image as this encoder's input: uint8 (3, S, S), S = `image_size`.
+
+        The whole image is resized to the square (PIL bicubic, never cropped or padded), in
+        8-bit RGB and upright, exactly as training's `ImageBank` read its images.
+
+        Args:
+            image: an open PIL image, or the path of an image file.
+            max_pixels: for a path, refuse larger images from their header (see
+                `caption.data.images.read_rgb`).
+
+        Raises:
+            CaptionError: a path that is missing, not an image, corrupt or too large.
+            OSError, SyntaxError, ValueError: PIL's errors for a corrupt open image.
+        """
+        if isinstance(image, Image.Image):
+            return image_tensor(image, self.image_size)
+        return load_image(image, self.image_size, max_pixels)
 
     @property
     def fine_tune(self) -> bool:
