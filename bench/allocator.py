@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEP = """
 import json, resource, sys, time, torch
 from caption.runtime import keep_freed_memory
-from caption.checkpoint import build_model
+from caption.models.build import build_model
 from tests.conftest import compose_config
 if sys.argv[1] == "on":
     keep_freed_memory()

@@ -12,7 +12,7 @@ The recipe is `conf/experiment/flickr8k_cpu.yaml` (frozen ImageNet EfficientNet-
 -> 7x7x1280 annotation vectors cached as float16; soft attention, additive score, embedding
 and LSTM 512; batch 64; fused Adam at 1e-3; gradient norm clipped to 5), composed with Hydra
 as `caption-train experiment=flickr8k_cpu data.format=flickr8k ...` composes it, and the model
-built by `caption.checkpoint.build_model`, so the figures are the recipe's own. The data is
+built by `caption.models.build.build_model`, so the figures are the recipe's own. The data is
 the raw Flickr8k layout under `--flickr8k`: `Flicker8k_Dataset/*.jpg`, `Flickr8k.token.txt`
 and `Flickr_8k.{train,dev,test}Images.txt`. Three phases, each in its own process so that its
 peak memory (ru_maxrss) is its own:
@@ -109,8 +109,8 @@ def entry_sizes(folder: Path) -> tuple[int, int]:
 
 def phase_features(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     """Build the feature cache of `--feature-images` val photos into `work/cache`."""
-    from caption.checkpoint import build_model
     from caption.data.features import FeatureBank
+    from caption.models.build import build_model
 
     cfg = recipe(args)
     d = cfg.data
@@ -171,10 +171,10 @@ def phase_train(args: argparse.Namespace, work: Path, device: torch.device) -> d
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
-    from caption.checkpoint import build_model
     from caption.data.dataset import CaptionDataset, collate_captions
     from caption.data.features import FeatureBank
     from caption.data.sampler import EpochSampler
+    from caption.models.build import build_model
     from caption.speed import Precision
     from caption.training.dist import Dist
     from caption.training.step import build_optimizer, train_step
@@ -235,8 +235,8 @@ def phase_train(args: argparse.Namespace, work: Path, device: torch.device) -> d
 
 def phase_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     """Time greedy and beam 3 decoding of `--decode-images` test photos, alternated."""
-    from caption.checkpoint import load_captioner
     from caption.inference import decode_bank
+    from caption.models.build import load_captioner
 
     model, vocab, cfg = load_captioner(args.checkpoint, device)
     ev = OmegaConf.load(Path(CONF_DIR) / "evaluate.yaml")  # caption-evaluate's max_len, batch
@@ -244,7 +244,7 @@ def phase_decode(args: argparse.Namespace, work: Path, device: torch.device) -> 
     records = read_dataset(
         data / "Flickr8k.token.txt", data / "Flicker8k_Dataset", format="flickr8k"
     )["test"][: args.decode_images]
-    size = cfg.data.image_size
+    size = model.image_size
     start = time.perf_counter()
     bank = ImageBank(records, size, preload=True)  # as caption-evaluate reads them
     load_seconds = time.perf_counter() - start

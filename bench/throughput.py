@@ -175,13 +175,13 @@ def phase_shapes_train(args: argparse.Namespace, work: Path, device: torch.devic
 
 
 def phase_shapes_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
-    from caption.checkpoint import load_captioner
     from caption.data.dataset import ImageBank
     from caption.data.karpathy import read_karpathy
+    from caption.models.build import load_captioner
 
-    model, _, cfg = load_captioner(work / "run" / "checkpoints" / "last.pt", device)
+    model, _, _ = load_captioner(work / "run" / "checkpoints" / "last.pt", device)
     records = read_karpathy(work / "shapes" / "dataset_shapes.json")["test"]
-    images = ImageBank(records, cfg["data"]["image_size"]).pixels.to(device)
+    images = ImageBank(records, model.image_size).pixels.to(device)
     result: dict = {"images": len(images), "batch_size": args.decode_batch}
     for name, strategy, k in (("greedy", "greedy", 1), ("beam3", "beam", 3), ("beam5", "beam", 5)):
         result.update(decode_pair(model, images, name, strategy, k, args.decode_batch, device))

@@ -31,10 +31,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from caption.browser import CHROMIUM, launch_chromium
-from caption.checkpoint import load_captioner
 from caption.config import CONF_DIR
-from caption.data.images import load_image
 from caption.data.shapes import generate_shapes
+from caption.models.build import load_captioner
 from caption.runtime import configure_cpu
 from caption.visualize import visualize
 
@@ -72,7 +71,7 @@ def multipart(content: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def latencies(url: str, files: list[Path], model, size: int, n: int) -> tuple[list, list]:
+def latencies(url: str, files: list[Path], model, n: int) -> tuple[list, list]:
     """Seconds per `POST /caption`, and per decode of the same image in this process.
 
     The two alternate, one request then one decode, so both see the same machine load.
@@ -81,7 +80,7 @@ def latencies(url: str, files: list[Path], model, size: int, n: int) -> tuple[li
 
     def decode(path: Path) -> None:
         with torch.inference_mode():
-            model.generate(load_image(path, size)[None], strategy="beam", beam_size=3, max_len=30)
+            model.generate(model.prepare(path)[None], strategy="beam", beam_size=3, max_len=30)
 
     served, decoded = [], []
     # The decode runs on a worker thread, as the server's requests do: on a busy machine,
@@ -112,8 +111,8 @@ def main() -> None:
     if not Path(args.checkpoint).is_file():
         sys.exit(f"error: {args.checkpoint} does not exist; run `make demo` or pass --checkpoint")
     configure_cpu()
-    model, vocab, train_cfg = load_captioner(args.checkpoint)
-    size = int(train_cfg.data.image_size)
+    model, vocab, _ = load_captioner(args.checkpoint)
+    size = model.image_size
     results: dict[str, float | int | str] = {"checkpoint": args.checkpoint, "image_size": size}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -165,7 +164,7 @@ def main() -> None:
                     break
                 except OSError:
                     time.sleep(0.2)
-            served, decoded = latencies(f"{base}/caption", files, model, size, args.requests)
+            served, decoded = latencies(f"{base}/caption", files, model, args.requests)
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -131,3 +131,10 @@ def check_train_config(cfg: DictConfig) -> None:
         _fail("model.dropout", cfg.model.dropout, "in [0, 1)")
     check_float(cfg.model, "model.doubly_stochastic", 0.0)
     check_choice(cfg.model, "model.deep_output_activation", ("none", "tanh"))
+    side = cfg.model.encoder.get("image_size", d.image_size)
+    if side != d.image_size:  # training resizes to data.image_size: the model must say the same
+        raise CaptionError(
+            f"config: model.encoder.image_size={side} differs from data.image_size="
+            f"{d.image_size}, the side training resizes images to; set data.image_size, "
+            "which the model's follows"
+        )

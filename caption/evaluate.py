@@ -9,7 +9,6 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from caption.checkpoint import load_captioner
 from caption.config import check_bool, check_choice, check_decoding, resolve_device
 from caption.data.dataset import ImageBank
 from caption.data.formats import check_images, read_split
@@ -19,6 +18,7 @@ from caption.errors import CaptionError
 from caption.files import advice, advised, atomic_file
 from caption.inference import caption_line, decode_bank, grounding_metrics
 from caption.metrics import bleu, coco_metrics
+from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 
@@ -166,7 +166,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
     records = _records(cfg, train_cfg.data)
     check_images({cfg.split: records})
-    bank = ImageBank(records, train_cfg.data.image_size, preload=True)
+    bank = ImageBank(records, model.image_size, preload=True)
     captions = decode_bank(
         model,
         bank,

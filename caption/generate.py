@@ -9,11 +9,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from caption.checkpoint import load_captioner
 from caption.config import check_decoding, check_float, check_int, resolve_device
 from caption.data.images import expand_images
 from caption.files import PartialLines
 from caption.inference import caption_files, caption_line
+from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 
@@ -35,16 +35,14 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     check_int(cfg, "max_image_pixels", 1, optional=True)
     device = resolve_device(cfg.device)
     configure_cpu()
-    model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
+    model, vocab, _ = load_captioner(cfg.checkpoint, device)
     files = expand_images(cfg.images)
-    size = train_cfg.data.image_size
     captioned, failed = 0, []
     # A file grows under <output>.partial and gets its name when every image is done.
     with PartialLines(cfg.output, "captions") if cfg.output else _Stdout() as out:
         batches = caption_files(
             model,
             files,
-            size,
             failed,
             batch_size=cfg.batch_size,
             device=device,

@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
 from caption.data.dataset import ImageBank, ImageDataset
-from caption.data.images import MAX_PIXELS, load_image
+from caption.data.images import MAX_PIXELS
 from caption.data.karpathy import ImageRecord
 from caption.data.vocab import PAD_ID, Vocabulary
 from caption.errors import CaptionError
@@ -45,7 +45,6 @@ def caption_line(image: str | Path, words: Sequence[str], log_prob: float) -> st
 def caption_files(
     model: Captioner,
     files: Sequence[Path],
-    image_size: int,
     failed: list[str],
     *,
     batch_size: int,
@@ -55,9 +54,10 @@ def caption_files(
 ) -> Iterator[tuple[list[Path], Generated]]:
     """Caption image files in batches, for the tools that take `images=`.
 
-    A file that cannot be read is reported on stderr as `error: ...; skipped`, appended to
-    `failed`, and costs nothing else: the rest of its batch is still captioned. Images larger
-    than `max_pixels` are refused from their header (see `caption.data.images.read_rgb`).
+    Each image is made the model's input by `model.prepare`, as in training. A file that
+    cannot be read is reported on stderr as `error: ...; skipped`, appended to `failed`, and
+    costs nothing else: the rest of its batch is still captioned. Images larger than
+    `max_pixels` are refused from their header (see `caption.data.images.read_rgb`).
 
     Yields:
         The paths of a batch that loaded, and their `Generated`.
@@ -66,7 +66,7 @@ def caption_files(
         images, good = [], []
         for path in files[start : start + batch_size]:
             try:
-                images.append(load_image(path, image_size, max_pixels))
+                images.append(model.prepare(path, max_pixels))
                 good.append(path)
             except CaptionError as e:
                 print(f"error: {e}; skipped", file=sys.stderr, flush=True)

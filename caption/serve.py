@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,10 +30,9 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
-from caption.checkpoint import load_captioner
 from caption.config import check_bool, check_choice, check_float, check_int, resolve_device
-from caption.data.images import image_tensor
 from caption.errors import CaptionError
+from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.report import attention_record, render_page
 from caption.runtime import configure_cpu
@@ -150,8 +150,11 @@ class UploadLimit:
         await self.app(scope, replay, send)
 
 
-def read_upload(data: bytes, max_pixels: int, image_size: int) -> tuple[torch.Tensor, int, int]:
-    """Check and decode an uploaded image.
+def read_upload(
+    data: bytes, max_pixels: int, prepare: Callable[[Image.Image], torch.Tensor]
+) -> tuple[torch.Tensor, int, int]:
+    """Check and decode an uploaded image, made the model's input by `prepare`
+    (`Captioner.prepare`).
 
     Returns:
         The model's input (3, S, S) uint8, and the image's width and height.
@@ -189,7 +192,7 @@ def read_upload(data: bytes, max_pixels: int, image_size: int) -> tuple[torch.Te
             f"{max_pixels:,} (max_pixels); send a smaller image",
         )
     try:
-        return image_tensor(im, image_size), width, height
+        return prepare(im), width, height
     except (OSError, SyntaxError, ValueError) as e:
         raise HTTPException(
             400, f"image: corrupt or truncated image ({e}); send an intact image file"
@@ -221,8 +224,8 @@ def create_app(cfg: DictConfig) -> FastAPI:
     check_serve_config(cfg)
     device = resolve_device(cfg.device)
     configure_cpu()
-    model, vocab, train_cfg = load_captioner(cfg.checkpoint, device)
-    image_size = int(train_cfg.data.image_size)
+    model, vocab, _ = load_captioner(cfg.checkpoint, device)
+    image_size = model.image_size
     lock = threading.Lock()  # one decode at a time: the model is shared by the thread pool
     name = Path(cfg.checkpoint).name
     page = render_page(
@@ -276,7 +279,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
         ] = cfg.beam_size,
     ) -> dict[str, Any]:
         start = time.perf_counter()
-        x, width, height = read_upload(image.file.read(), cfg.max_pixels, image_size)
+        x, width, height = read_upload(image.file.read(), cfg.max_pixels, model.prepare)
         with lock, torch.inference_mode():
             gen = model.generate(
                 x[None].to(device),

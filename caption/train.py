@@ -15,8 +15,8 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from caption.checkpoint import build_model
 from caption.config import check_train_config
+from caption.models.build import build_model
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 from caption.speed import Precision, to_channels_last

@@ -38,7 +38,6 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from caption.checkpoint import load_captioner
 from caption.config import check_choice, check_decoding, check_int, resolve_device
 from caption.data.formats import read_split
 from caption.data.images import MAX_PIXELS, expand_images, read_rgb
@@ -47,6 +46,7 @@ from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError
 from caption.files import advice, advised, atomic_file
 from caption.inference import caption_files
+from caption.models.build import load_captioner
 from caption.models.captioner import Captioner
 from caption.models.decoding import Generated
 from caption.overrides import hydra_command
@@ -418,7 +418,6 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     batches = caption_files(
         model,
         files,
-        train_cfg.data.image_size,
         failed,
         batch_size=cfg.batch_size,
         device=device,

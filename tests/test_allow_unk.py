@@ -12,7 +12,7 @@ import pytest
 import torch
 from fastapi import UploadFile
 
-from caption.checkpoint import build_model, load_captioner, load_checkpoint, save_checkpoint
+from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.config import check_train_config
 from caption.data.dataset import ImageBank
 from caption.data.formats import read_split
@@ -21,6 +21,7 @@ from caption.errors import CaptionError
 from caption.evaluate import evaluate
 from caption.generate import generate
 from caption.inference import score_bank
+from caption.models.build import build_model, load_captioner
 from caption.models.captioner import Captioner
 from caption.serve import create_app
 from caption.visualize import visualize
@@ -156,7 +157,7 @@ def test_evaluate_and_validation_decode_unk_only_with_allow_unk(
         assert json.loads((out / "m.json").read_text())["allow_unk"] is allow
     # Validation decodes with trainer.val, as caption-train passes it to score_bank.
     model, vocab, train_cfg = load_captioner(favoured)
-    bank = ImageBank(read_split(train_cfg.data, "val"), train_cfg.data.image_size, preload=True)
+    bank = ImageBank(read_split(train_cfg.data, "val"), model.image_size, preload=True)
     for allow in (False, True):
         val = compose_config("train", ["run_dir=unused", f"trainer.val.allow_unk={allow}"])
         _, captions = score_bank(model, bank, vocab, device="cpu", **val.trainer.val)

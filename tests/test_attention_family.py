@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from caption.checkpoint import build_model
 from caption.compare import find_runs, markdown_table
 from caption.data.vocab import PAD_ID
 from caption.models.attention import CaptionSteps
+from caption.models.build import build_model
 from tests.conftest import CONF, ROOT, TINY_MODEL, compose_config
 from tests.test_model import random_batch
 

@@ -24,8 +24,8 @@ import math
 import pytest
 import torch
 
-from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
+from caption.models.build import build_model
 from caption.models.captioner import Captioner
 from caption.models.decoding import Generated
 from tests.conftest import TINY_MODEL, compose_config

@@ -23,7 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from caption.checkpoint import build_model, load_checkpoint, save_checkpoint
+from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.data.dataset import ImageBank
 from caption.data.features import FeatureBank
 from caption.data.karpathy import read_karpathy
@@ -32,6 +32,7 @@ from caption.evaluate import evaluate
 from caption.files import WriteError, atomic_file, write_failure
 from caption.generate import generate
 from caption.logfile import RunLogFile
+from caption.models.build import build_model
 from caption.models.encoder import Encoder
 from caption.visualize import visualize
 from tests.conftest import ROOT, TINY_MODEL, compose_config, run

@@ -1,4 +1,4 @@
-"""Tests for caption.models.encoder: shapes, freezing, grid pooling, weight loading, errors."""
+"""Tests for caption.models.encoder and .backbones: shapes, freezing, grids, weights, errors."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.models as tvm
+from PIL import Image
 from torch import nn
 
+from caption.data.images import load_image
 from caption.errors import CaptionError
-from caption.models.encoder import BACKBONES, Encoder, coord_grid, receptive_field
+from caption.models.backbones import BACKBONES, receptive_field
+from caption.models.encoder import Encoder, coord_grid
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "encoder"
 needs_timm = pytest.mark.skipif(
@@ -262,7 +265,7 @@ def test_pretrained_without_network_says_what_to_do(monkeypatch) -> None:
         Encoder("resnet18", pretrained=True)
     message = str(info.value)
     assert "resnet18" in message and "ImageNet" in message
-    assert "model.encoder.weights_path=" in message and "pretrained=false" in message
+    assert "weights_path=" in message and "pretrained=false" in message
     assert "\n" not in message
 
 
@@ -278,7 +281,22 @@ def test_config_errors() -> None:
         Encoder(grid_size=0)
     with pytest.raises(ValueError, match="RGB"):
         shared("small_cnn")(torch.rand(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="image_size"):
+        Encoder(image_size=0)
     Encoder("small_cnn", fine_tune=False)  # random frozen features: pointless but allowed
+
+
+def test_encoder_knows_its_input(tmp_path: Path) -> None:
+    enc = shared("small_cnn")
+    assert enc.image_size == enc.native_image_size == 80  # unset: the backbone's own side
+    assert Encoder(image_size=48).image_size == 48
+    assert enc.mean.shape == enc.std.shape == (1, 3, 1, 1)  # what forward normalises with
+    photo = Image.new("RGBA", (120, 40), (200, 30, 30, 255))
+    x = enc.prepare(photo)
+    assert x.dtype == torch.uint8 and x.shape == (3, 80, 80)  # resized whole, not cropped
+    photo.save(tmp_path / "photo.png")
+    assert torch.equal(enc.prepare(tmp_path / "photo.png"), load_image(tmp_path / "photo.png", 80))
+    assert torch.equal(enc.prepare(str(tmp_path / "photo.png")), x)
 
 
 # blocks per backbone: ResNet stem + layer1..4, VGG's five conv stages, MobileNetV3's `features`,

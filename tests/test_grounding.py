@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from caption.checkpoint import build_model
 from caption.data.dataset import ImageBank
 from caption.data.karpathy import ImageRecord, read_karpathy
 from caption.data.vocab import Vocabulary
@@ -24,6 +23,7 @@ from caption.grounding import (
     score_mention,
 )
 from caption.inference import decode_bank, grounding_metrics, original_size, reference_alphas
+from caption.models.build import build_model
 from tests.conftest import TINY_MODEL, compose_config
 
 GRID, S = (8, 8), 64  # 64 px images, an 8×8 grid of 8 px cells

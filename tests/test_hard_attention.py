@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import HardAttention
+from caption.models.build import build_model
 from caption.models.captioner import Captioner
 from tests.conftest import EXACT_HARD, NANO_MODEL, compose_config
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import CaptionSteps, HardAttention, HardMemory
+from caption.models.build import build_model
 from caption.models.captioner import Captioner
 from tests.conftest import EXACT_HARD, NANO_MODEL, compose_config
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from caption.errors import CaptionError
+from caption.models.build import build_model
 from caption.models.captioner import Captioner
 from tests.conftest import TINY_MODEL, compose_config
 

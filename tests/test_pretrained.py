@@ -17,15 +17,15 @@ import torchvision.models as tvm
 from torch import nn
 
 from caption.errors import CaptionError
-from caption.models.encoder import (
+from caption.models.backbones import (
     BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Encoder,
     efficientnet_lite0_classifier,
     imagenet_weights_file,
     native_image_size,
 )
+from caption.models.encoder import Encoder
 
 ESPRESSO = 967  # ImageNet-1k class index
 
@@ -144,7 +144,7 @@ def test_torchvision_weights_missing_offline_names_file_and_folder(tmp_path, mon
     message = str(info.value)
     assert tvm.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-1] in message  # resnet18-f37072fd.pth
     assert str(tmp_path / "hub" / "checkpoints") in message
-    assert "model.encoder.weights_path=<file>" in message and "URLError" in message
+    assert "weights_path=<file>" in message and "URLError" in message
     assert "\n" not in message and isinstance(info.value, CaptionError)
 
 

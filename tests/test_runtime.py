@@ -16,7 +16,7 @@ PROGRAM = """
 import resource, sys, torch
 from caption.runtime import keep_freed_memory
 from tests.conftest import compose_config
-from caption.checkpoint import build_model
+from caption.models.build import build_model
 if sys.argv[1] == "on":
     assert keep_freed_memory()
 torch.manual_seed(0)

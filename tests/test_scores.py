@@ -10,8 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, PAD_ID, START_ID
+from caption.models.build import build_model
 from caption.models.scores import AdditiveScore, DotScore, GeneralScore, ScaledDotScore
 from tests.conftest import CONF, TINY_MODEL, compose_config
 

@@ -43,7 +43,7 @@ def test_positional_encoding_layout() -> None:
 
 @pytest.mark.parametrize("dim", [6, 0])
 def test_positional_encoding_needs_dim_divisible_by_4(dim: int) -> None:
-    with pytest.raises(ValueError, match=r"model\.encoder_self_attention"):
+    with pytest.raises(ValueError, match="divisible by 4"):
         positional_encoding_2d(H, W, dim)
 
 
@@ -93,10 +93,12 @@ def test_position_breaks_permutation_equivariance() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"dim": D, "layers": 2, "heads": 3}, "model.encoder_self_attention.heads"),
-        ({"dim": D, "layers": 2, "heads": 0}, "model.encoder_self_attention.heads"),
-        ({"dim": D, "layers": -1}, "model.encoder_self_attention.layers"),
-        ({"dim": 6, "layers": 1, "heads": 2}, "model.encoder_self_attention"),  # D % 4 != 0
+        ({"dim": D, "layers": 2, "heads": 3}, "heads must be"),
+        ({"dim": D, "layers": 2, "heads": 0}, "heads must be"),
+        ({"dim": D, "layers": -1}, "layers must be"),
+        ({"dim": D, "layers": 1, "ff_dim": 0}, "ff_dim must be"),
+        ({"dim": D, "layers": 1, "dropout": 1.0}, "dropout must be"),
+        ({"dim": 6, "layers": 1, "heads": 2}, "divisible by 4"),  # D % 4 != 0
     ],
 )
 def test_bad_config(kwargs: dict, key: str) -> None:
@@ -107,5 +109,5 @@ def test_bad_config(kwargs: dict, key: str) -> None:
 
 @pytest.mark.parametrize("layers", [0, 2])
 def test_grid_must_match_annotations(layers: int) -> None:
-    with pytest.raises(ValueError, match=r"model\.encoder_self_attention.*4x4"):
+    with pytest.raises(ValueError, match=r"do not fit a 4x4 grid"):
         make(layers)(annotations(), (4, 4))

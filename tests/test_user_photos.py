@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption.checkpoint import load_checkpoint
+from caption.models.build import load_captioner
 from tests.conftest import run
 from tests.serving import post, serving
 
@@ -48,7 +48,7 @@ def photos(folder: Path, side: int) -> dict[str, Path]:
 
 def test_generate_and_serve_resize_a_non_square_photo_whole(trained: Path, tmp_path: Path):
     ckpt = trained / "run" / "checkpoints" / "best.pt"
-    side = load_checkpoint(ckpt)["config"]["data"]["image_size"]
+    side = load_captioner(ckpt)[0].image_size  # the square the model was trained on
     files = photos(tmp_path / "photos", side)
     assert Image.open(files["landscape_photo"]).size == (512, 300)
     # One image per batch: every photo is decoded alone, so equal inputs give equal outputs.

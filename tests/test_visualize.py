@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from caption.checkpoint import build_model
 from caption.data.vocab import END_ID, SPECIALS, Vocabulary
+from caption.models.build import build_model
 from caption.models.captioner import Captioner
 from caption.visualize import (
     attention_figure,

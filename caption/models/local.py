@@ -90,7 +90,7 @@ class LocalAttention(SoftAttention):
         ]
         for ok, key, value, expected in checks:
             if not ok:
-                raise ValueError(f"model.attention.{key} must be {expected}, got {value!r}")
+                raise ValueError(f"{key} must be {expected}, got {value!r}")
         self.window = window
         self.sigma = float(sigma) if sigma is not None else window / 2
         self.alignment = alignment

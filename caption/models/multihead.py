@@ -44,8 +44,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         if heads < 2 or key_dim % heads:
             raise ValueError(
-                f"model.heads must be >= 2 and divide the annotation size "
-                f"D = {key_dim}, got {heads}"
+                f"heads must be >= 2 and divide the annotation size D = {key_dim}, got {heads}"
             )
         self.heads = heads
         self.head_dim = key_dim // heads
@@ -60,8 +59,8 @@ class MultiHeadAttention(nn.Module):
         self.samples: int = 1
         if self.stochastic:
             raise ValueError(
-                "model.heads > 1 works with soft and local attention; hard "
-                "attention samples one location per word, so use model.heads=1"
+                "heads > 1 works with soft and local attention; hard attention samples "
+                "one location per word, so set heads to 1"
             )
 
     def prepare(self, annotations: Tensor) -> MultiHeadMemory:

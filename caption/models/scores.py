@@ -50,8 +50,7 @@ class AdditiveScore(nn.Module):
         super().__init__()
         if activation not in self.ACTIVATIONS:
             raise ValueError(
-                f"model.score.activation must be one of {list(self.ACTIVATIONS)}, "
-                f"got {activation!r}"
+                f"activation must be one of {list(self.ACTIVATIONS)}, got {activation!r}"
             )
         self.key_proj = nn.Linear(key_dim, hidden_dim)  # W_a
         self.query_proj = nn.Linear(query_dim, hidden_dim, bias=False)  # U_a

@@ -14,11 +14,9 @@ from torch import Tensor, nn
 
 from caption.errors import CaptionError
 
-KEY = "model.encoder_self_attention"
-
 
 class SelfAttentionConfigError(CaptionError, ValueError):
-    """A bad `model.encoder_self_attention` setting; a ValueError for plain callers."""
+    """A bad self-attention setting; a ValueError for plain callers."""
 
 
 def positional_encoding_2d(
@@ -32,7 +30,7 @@ def positional_encoding_2d(
     """
     if dim <= 0 or dim % 4:
         raise SelfAttentionConfigError(
-            f"{KEY}: 2-D positional encodings need the annotation size D divisible by 4 "
+            f"2-D positional encodings need the annotation size D divisible by 4 "
             f"(half for rows, half for columns, each sin/cos pairs), got D={dim}"
         )
     d = dim // 2
@@ -73,19 +71,18 @@ class AnnotationSelfAttention(nn.Module):
     ) -> None:
         super().__init__()
         if layers < 0:
-            raise SelfAttentionConfigError(f"{KEY}.layers must be >= 0 (0 = off), got {layers}")
+            raise SelfAttentionConfigError(f"layers must be >= 0 (0 = off), got {layers}")
         self.dim, self.layers = dim, int(layers)
         if self.layers == 0:
             return  # off: the head/width settings are unused, so they are not checked either
         if heads < 1 or dim % heads:
             raise SelfAttentionConfigError(
-                f"{KEY}.heads must be a positive divisor of the annotation size D={dim}, "
-                f"got {heads}"
+                f"heads must be a positive divisor of the annotation size D={dim}, got {heads}"
             )
-        if ff_dim < 1 or not 0 <= dropout < 1:
-            raise SelfAttentionConfigError(
-                f"{KEY}: ff_dim must be >= 1 and dropout in [0, 1), got {ff_dim}, {dropout}"
-            )
+        if ff_dim < 1:
+            raise SelfAttentionConfigError(f"ff_dim must be >= 1, got {ff_dim}")
+        if not 0 <= dropout < 1:
+            raise SelfAttentionConfigError(f"dropout must be in [0, 1), got {dropout}")
         positional_encoding_2d(1, 1, dim)  # fail on D % 4 at build time, not at the first batch
         self.pos_scale = nn.Parameter(torch.ones(()))
         # PyTorch's own layer rather than a hand-written block: it is tested, dispatches to the
@@ -107,7 +104,7 @@ class AnnotationSelfAttention(nn.Module):
         if H * W != L or self.dim != D:
             # a caller bug, not a config value: a plain ValueError keeps the traceback
             raise ValueError(
-                f"{KEY}: annotations {tuple(annotations.shape)} do not fit a {H}x{W} grid "
+                f"annotations {tuple(annotations.shape)} do not fit a {H}x{W} grid "
                 f"of D={self.dim} vectors"
             )
         if self.layers == 0:
