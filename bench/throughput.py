@@ -177,7 +177,7 @@ def phase_shapes_train(args: argparse.Namespace, work: Path, device: torch.devic
 def phase_shapes_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     from caption.checkpoint import load_captioner
     from caption.data.dataset import ImageBank
-    from caption.data.karpathy import read_karpathy
+    from caption.data.formats import read_karpathy
 
     model, _, cfg = load_captioner(work / "run" / "checkpoints" / "last.pt", device)
     records = read_karpathy(work / "shapes" / "dataset_shapes.json")["test"]

@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption.data.formats import absolute_spec, check_images, detect_format, read_dataset
+from caption.data.formats import (
+    absolute_spec,
+    check_images,
+    detect_format,
+    read_dataset,
+    read_karpathy,
+)
 from caption.data.images import load_image
-from caption.data.karpathy import ImageRecord, read_karpathy
+from caption.data.records import ImageRecord
 from caption.errors import CaptionError
 from tests.conftest import TINY_MODEL, run
 

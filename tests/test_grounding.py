@@ -9,7 +9,8 @@ import torch
 
 from caption.checkpoint import build_model
 from caption.data.dataset import ImageBank
-from caption.data.karpathy import ImageRecord, read_karpathy
+from caption.data.formats import read_karpathy
+from caption.data.records import ImageRecord
 from caption.data.vocab import Vocabulary
 from caption.grounding import (
     GroundingTally,
