@@ -523,9 +523,10 @@ def test_check_images_reports_missing_files(tmp_path: Path, flickr_images: Path)
 
 def test_data_configs_share_keys() -> None:
     from caption.config import check_train_config
+    from caption.overrides import group_options
     from tests.conftest import CONF, compose_config
 
-    names = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+    names = group_options(CONF / "data")
     assert {"shapes", "flickr8k", "flickr30k", "coco"} <= set(names)
     keys = {}
     for name in names:
