@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
 from caption.data.features import FeatureBank
-from caption.data.karpathy import ImageRecord
+from caption.data.records import ImageRecord
 from caption.data.vocab import Vocabulary
 from caption.models.attention import SoftAttention
 from caption.models.captioner import Captioner

@@ -59,7 +59,7 @@ from bench.measure import phase_in_subprocess, sync, timed_phase  # noqa: E402
 from caption.config import CONF_DIR  # noqa: E402
 from caption.data.dataset import CaptionBatch, ImageBank  # noqa: E402
 from caption.data.formats import read_dataset  # noqa: E402
-from caption.data.karpathy import ImageRecord  # noqa: E402
+from caption.data.records import ImageRecord  # noqa: E402
 from caption.data.vocab import Vocabulary  # noqa: E402
 
 RECIPE = "flickr8k_cpu"

@@ -176,7 +176,7 @@ def phase_shapes_train(args: argparse.Namespace, work: Path, device: torch.devic
 
 def phase_shapes_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     from caption.data.dataset import ImageBank
-    from caption.data.karpathy import read_karpathy
+    from caption.data.formats import read_karpathy
     from caption.models.build import load_captioner
 
     model, _, _ = load_captioner(work / "run" / "checkpoints" / "last.pt", device)

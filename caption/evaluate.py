@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from caption.config import check_bool, check_choice, check_decoding, resolve_device
 from caption.data.dataset import ImageBank
 from caption.data.formats import check_images, read_split
-from caption.data.karpathy import SPLITS, ImageRecord
+from caption.data.records import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
 from caption.errors import CaptionError
 from caption.files import advice, advised, atomic_file

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from caption.data.dataset import ImageBank, ImageDataset
 from caption.data.images import MAX_PIXELS
-from caption.data.karpathy import ImageRecord
+from caption.data.records import ImageRecord
 from caption.data.vocab import PAD_ID, Vocabulary
 from caption.errors import CaptionError
 from caption.grounding import (

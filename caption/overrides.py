@@ -54,6 +54,12 @@ def _parse(argv: list[str]) -> tuple[Namespace, list[Override]] | None:
         return None
 
 
+def group_options(folder: Path) -> list[str]:
+    """The options of a config group, sorted: its YAML files but the `_`-named ones, which
+    the options extend (`data/_base.yaml`) and which are no choice by themselves."""
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+
+
 def _check_options(overrides: list[Override], root: Path) -> None:
     """Every `group=option` (each option of a plain `a,b` sweep) names a file of its group."""
     for override in overrides:
@@ -67,7 +73,7 @@ def _check_options(overrides: list[Override], root: Path) -> None:
             choices = [value]
         else:  # null, or a sweep function such as choice(...) or glob(...)
             continue
-        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        options = group_options(folder)
         for option in choices:
             if option not in options and option not in ("null", ""):
                 raise CaptionError(
@@ -119,7 +125,7 @@ def check_overrides(
             continue
         group = key.split(".")[0]
         if group not in tree and (root / group).is_dir():  # a group left unchosen (`data: null`)
-            options = "|".join(sorted(p.stem for p in (root / group).glob("*.yaml")))
+            options = "|".join(group_options(root / group))
             raise CaptionError(
                 f"config: {key} needs a {group} config, and {command} has none by default; "
                 f"choose one with {group}=<{options}>"

@@ -41,7 +41,7 @@ from torch import Tensor
 from caption.config import check_choice, check_decoding, check_int, resolve_device
 from caption.data.formats import read_split
 from caption.data.images import MAX_PIXELS, expand_images, read_rgb
-from caption.data.karpathy import SPLITS
+from caption.data.records import SPLITS
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError
 from caption.files import advice, advised, atomic_file

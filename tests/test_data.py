@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
-from caption.data.karpathy import read_karpathy
+from caption.data.formats import read_karpathy
 from caption.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, tokenize
 from caption.errors import CaptionError
 

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.data.dataset import ImageBank
 from caption.data.features import FeatureBank
-from caption.data.karpathy import read_karpathy
+from caption.data.formats import read_karpathy
 from caption.data.vocab import Vocabulary
 from caption.evaluate import evaluate
 from caption.files import WriteError, atomic_file, write_failure
@@ -239,7 +239,7 @@ CACHE_SCRIPT = textwrap.dedent(
     import torch
     from caption.data.dataset import ImageBank
     from caption.data.features import FeatureBank
-    from caption.data.karpathy import read_karpathy
+    from caption.data.formats import read_karpathy
     from caption.errors import CaptionError
     from caption.models.encoder import Encoder
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from caption.data.dataset import ImageBank
 from caption.data.features import FeatureBank, cache_key
-from caption.data.karpathy import read_karpathy
+from caption.data.formats import read_karpathy
 from caption.errors import CaptionError
 from caption.models.encoder import Encoder
 from caption.train import train

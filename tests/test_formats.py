@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption.data.formats import absolute_spec, check_images, detect_format, read_dataset
+from caption.data.formats import (
+    absolute_spec,
+    check_images,
+    detect_format,
+    read_dataset,
+    read_karpathy,
+)
 from caption.data.images import load_image
-from caption.data.karpathy import ImageRecord, read_karpathy
+from caption.data.records import ImageRecord
 from caption.errors import CaptionError
 from tests.conftest import TINY_MODEL, run
 
@@ -517,9 +523,10 @@ def test_check_images_reports_missing_files(tmp_path: Path, flickr_images: Path)
 
 def test_data_configs_share_keys() -> None:
     from caption.config import check_train_config
+    from caption.overrides import group_options
     from tests.conftest import CONF, compose_config
 
-    names = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+    names = group_options(CONF / "data")
     assert {"shapes", "flickr8k", "flickr30k", "coco"} <= set(names)
     keys = {}
     for name in names:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from caption.data.dataset import ImageBank
-from caption.data.karpathy import ImageRecord, read_karpathy
+from caption.data.formats import read_karpathy
+from caption.data.records import ImageRecord
 from caption.data.vocab import Vocabulary
 from caption.grounding import (
     GroundingTally,

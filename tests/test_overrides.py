@@ -23,6 +23,7 @@ COMMANDS = {
         ("caption-train", ["trainer.max_epoch=3"], "did you mean trainer.max_epochs?"),
         ("caption-train", ["max_epochs=3"], "did you mean trainer.max_epochs?"),
         ("caption-train", ["data.batchsize=8"], "did you mean data.batch_size?"),
+        ("caption-train", ["data=_base"], "data=_base is not an option of data; valid: coco,"),
         (
             "caption-train",
             ["model/attention=hard", "model.attention.sampels=2"],

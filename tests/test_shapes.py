@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caption.data.karpathy import read_karpathy
+from caption.data.formats import read_karpathy
 from caption.data.shapes import COLORS, SHAPES, SIZES, generate_shapes
 from caption.data.vocab import tokenize
 

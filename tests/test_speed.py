@@ -160,7 +160,7 @@ def test_batched_beam_search_equals_one_image_at_a_time() -> None:
 def test_batched_fetch_equals_collated_items(tiny_shapes: Path) -> None:
     """`__getitems__` gathers a batch with tensor indexing; it must equal the per-item path."""
     from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
-    from caption.data.karpathy import read_karpathy
+    from caption.data.formats import read_karpathy
     from caption.data.vocab import Vocabulary
 
     records = read_karpathy(tiny_shapes)["train"][:8]

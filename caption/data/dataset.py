@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from caption.data.images import MAX_PIXELS, load_image
-from caption.data.karpathy import ImageRecord
+from caption.data.records import ImageRecord
 from caption.data.vocab import PAD_ID, Vocabulary
 from caption.errors import CaptionError
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from caption.data.dataset import ImageBank, ImageDataset
-from caption.data.karpathy import ImageRecord
+from caption.data.records import ImageRecord
 from caption.errors import CaptionError, first_line
 from caption.files import atomic_file, remove_quietly, write_failure
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
 from caption.data.features import FeatureBank
 from caption.data.formats import absolute_spec, check_images, read_dataset
-from caption.data.karpathy import ImageRecord
+from caption.data.records import ImageRecord
 from caption.data.sampler import EpochSampler
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError
