@@ -1,4 +1,4 @@
-# make demo | make test | make lint | make bench | make flickr8k | make bench-flickr8k | make mutants
+# make demo | make test | make test-fast | make lint | make bench | make flickr8k | make bench-flickr8k | make mutants
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ CHROMIUM ?= /usr/bin/chromium
 DEMO := outputs/demo
 SHAPES := data/shapes/dataset_shapes.json
 
-.PHONY: venv demo test lint format bench bench-web bench-flickr8k clean chromium mutants flickr8k flickr8k-data
+.PHONY: venv demo test test-fast lint format bench bench-web bench-flickr8k clean chromium mutants flickr8k flickr8k-data
 
 # torch/torchvision come from this machine's local wheels; `pip install -e .[dev]` pins them.
 $(STAMP): pyproject.toml
@@ -43,6 +43,10 @@ chromium:
 
 test: $(STAMP) chromium
 	CAPTION_CHROMIUM=$(CHROMIUM) $(BIN)/pytest
+
+# The tests that train nothing and run no command end to end: a minute or two while editing.
+test-fast: $(STAMP)
+	CAPTION_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -m "not slow"
 
 # Plants each known-wrong equation of tests/mutants/*.toml and checks that its tests fail.
 mutants: $(STAMP)
