@@ -30,15 +30,16 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from caption.browser import CHROMIUM, launch_chromium
-from caption.checkpoint import load_captioner
-from caption.config import CONF_DIR
-from caption.data.images import load_image
-from caption.data.shapes import generate_shapes
-from caption.runtime import configure_cpu
-from caption.visualize import visualize
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/web.py` from a checkout: tests.helpers
+
+from caption.checkpoint import load_captioner  # noqa: E402
+from caption.config import CONF_DIR  # noqa: E402
+from caption.data.images import load_image  # noqa: E402
+from caption.data.shapes import generate_shapes  # noqa: E402
+from caption.runtime import configure_cpu  # noqa: E402
+from caption.visualize import visualize  # noqa: E402
+from tests.helpers.browser import CHROMIUM, launch_chromium  # noqa: E402
 
 
 def open_times(report: Path, opens: int, chromium: str, profile: Path) -> list[tuple[float, float]]:

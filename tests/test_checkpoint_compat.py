@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from caption.checkpoint import build_model, load_captioner, save_checkpoint
 from caption.data.vocab import SPECIALS, UNK_ID
 from caption.models.scores import AdditiveScore
-from tests.conftest import TINY_MODEL, compose_config
+from tests.helpers.config import TINY_MODEL, compose_config
 
 
 def test_checkpoint_naming_the_old_score_module_loads(tmp_path: Path) -> None:
