@@ -22,7 +22,7 @@ STEP = """
 import json, resource, sys, time, torch
 from caption.runtime import keep_freed_memory
 from caption.models.build import build_model
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 if sys.argv[1] == "on":
     keep_freed_memory()
 torch.set_flush_denormal(True)

@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from caption.browser import CHROMIUM, launch_chromium
 from caption.config import CONF_DIR
 from caption.data.shapes import generate_shapes
 from caption.models.build import load_captioner
@@ -38,6 +37,9 @@ from caption.runtime import configure_cpu
 from caption.visualize import visualize
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/web.py` from a checkout: tests.helpers
+
+from tests.helpers.browser import CHROMIUM, launch_chromium  # noqa: E402
 
 
 def open_times(report: Path, opens: int, chromium: str, profile: Path) -> list[tuple[float, float]]:

@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny generated shapes set and Hydra-composed configs."""
+"""Shared fixtures: a tiny generated shapes set, a tiny trained run, configs, a browser.
+
+Plain helpers (paths, `compose_config`, `run`, model sizes) are in tests/helpers/.
+"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,62 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from caption.browser import CHROMIUM, launch_chromium
 from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.data.shapes import generate_shapes
 from caption.data.vocab import END_ID
-from caption.evaluate import evaluate
-from caption.generate import generate
-from caption.serve import check_serve_config
-from caption.visualize import visualize
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-BIN = Path(sys.executable).parent  # the venv's console scripts
-
-# A model small enough for a test to train in seconds, with the default architecture
-# (no `model.score.*` keys: they differ between score functions).
-TINY_MODEL = [
-    "model.embed_dim=16",
-    "model.hidden_dim=32",
-    "model.encoder.channels=[8,16,16]",
-]
-# Smaller still, for float64 references and exact enumeration: two stride-2 layers, no
-# dropout, no penalty (an 8 px image gives a 2x2 grid, 16 px a 4x4 one).
-NANO_MODEL = [
-    "model.embed_dim=8",
-    "model.hidden_dim=8",
-    "model.score.hidden_dim=8",
-    "model.encoder.channels=[4,4]",
-    "model.dropout=0",
-    "model.doubly_stochastic=0",
-]
-# Hard attention whose surrogate's expected gradient is the exact gradient of L_s: every
-# caption samples its locations, λ_r = 1, λ_e = 0.
-EXACT_HARD = [
-    "model/attention=hard",
-    "model.attention.expectation_prob=0",
-    "model.attention.reward_weight=1.0",
-    "model.attention.entropy_weight=0",
-]
-
-# The tools that decode, each with the function that checks its config and the overrides it
-# needs beside checkpoint=: for tests of the decoding settings every one of them shares.
-DECODING_TOOLS = [
-    ("generate", generate, ["images=x"]),
-    ("evaluate", evaluate, []),
-    ("visualize", visualize, ["images=x", "output_dir=x"]),
-    ("serve", check_serve_config, []),
-]
-
-
-def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose `conf/<name>.yaml` the way the command-line tool would."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=overrides or [])
+from tests.helpers import ROOT
+from tests.helpers.browser import CHROMIUM, launch_chromium
+from tests.helpers.cli import run
+from tests.helpers.config import TINY_MODEL, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -102,21 +57,6 @@ def train_cfg(tiny_shapes: Path, tmp_path: Path) -> DictConfig:
             *TINY_MODEL,
         ],
     )
-
-
-def run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run one of the console scripts in a subprocess from the repository root."""
-    proc = subprocess.run(
-        [str(BIN / tool), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        timeout=300,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="session")

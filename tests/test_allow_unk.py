@@ -25,7 +25,8 @@ from caption.models.build import build_model, load_captioner
 from caption.models.captioner import Captioner
 from caption.serve import create_app
 from caption.visualize import visualize
-from tests.conftest import DECODING_TOOLS, TINY_MODEL, compose_config, run
+from tests.helpers.cli import DECODING_TOOLS, run
+from tests.helpers.config import TINY_MODEL, compose_config
 
 V = 20
 MAX_LEN = 6

@@ -13,8 +13,9 @@ from caption.compare import find_runs, markdown_table
 from caption.data.vocab import PAD_ID
 from caption.models.attention import CaptionSteps
 from caption.models.build import build_model
-from tests.conftest import CONF, ROOT, TINY_MODEL, compose_config
-from tests.test_model import random_batch
+from tests.helpers import CONF, ROOT
+from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.models import random_batch
 
 WEIGHTINGS = ["soft", "hard", "local", "local_monotonic"]
 SCORES = ["additive", "dot", "general", "scaled_dot"]

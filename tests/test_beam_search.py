@@ -28,7 +28,7 @@ from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.build import build_model
 from caption.models.captioner import Captioner
 from caption.models.decoding import Generated
-from tests.conftest import TINY_MODEL, compose_config
+from tests.helpers.config import TINY_MODEL, compose_config
 
 V = 6  # <pad> <start> <end> <unk> and two words
 WORDS = [w for w in range(V) if w not in (PAD_ID, START_ID, END_ID)]  # what may precede <end>

@@ -8,7 +8,7 @@ import pytest
 from caption.config import check_train_config
 from caption.errors import CaptionError
 from caption.models.build import build_model
-from tests.conftest import TINY_MODEL, compose_config
+from tests.helpers.config import TINY_MODEL, compose_config
 
 # Each module says what is wrong with its own argument; the builder adds where it is set.
 REFUSED = [

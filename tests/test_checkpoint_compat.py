@@ -12,7 +12,7 @@ from caption.checkpoint import load_checkpoint, save_checkpoint
 from caption.data.vocab import SPECIALS, UNK_ID
 from caption.models.build import build_model, load_captioner
 from caption.models.scores import AdditiveScore
-from tests.conftest import TINY_MODEL, compose_config
+from tests.helpers.config import TINY_MODEL, compose_config
 
 
 def test_checkpoint_naming_the_old_score_module_loads(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, run
+from tests.helpers import ROOT
+from tests.helpers.cli import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]
 

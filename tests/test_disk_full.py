@@ -35,7 +35,9 @@ from caption.logfile import RunLogFile
 from caption.models.build import build_model
 from caption.models.encoder import Encoder
 from caption.visualize import visualize
-from tests.conftest import ROOT, TINY_MODEL, compose_config, run
+from tests.helpers import ROOT
+from tests.helpers.cli import run
+from tests.helpers.config import TINY_MODEL, compose_config
 
 Mount = Callable[[int], Path]
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from caption.data.sampler import EpochSampler
-from tests.conftest import BIN, ROOT, TINY_MODEL
+from tests.helpers import BIN, ROOT
+from tests.helpers.config import TINY_MODEL
 
 
 def test_epoch_sampler_shards_one_permutation_per_epoch() -> None:

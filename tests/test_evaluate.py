@@ -10,7 +10,8 @@ from nltk.translate.bleu_score import corpus_bleu
 
 from caption.errors import CaptionError
 from caption.evaluate import evaluate
-from tests.conftest import compose_config, run
+from tests.helpers.cli import run
+from tests.helpers.config import compose_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]
 

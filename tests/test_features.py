@@ -14,7 +14,8 @@ from caption.data.formats import read_karpathy
 from caption.errors import CaptionError
 from caption.models.encoder import Encoder
 from caption.train import train
-from tests.conftest import TINY_MODEL, run
+from tests.helpers.cli import run
+from tests.helpers.config import TINY_MODEL
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from caption.data.vocab import tokenize
-from tests.conftest import ROOT, run
-from tests.serving import post, serving
+from tests.helpers import ROOT
+from tests.helpers.cli import run
+from tests.helpers.serving import post, serving
 
 FLICKR8K = Path(os.environ.get("CAPTION_FLICKR8K", ROOT.parent / "shared" / "flickr8k"))
 TOKENS = FLICKR8K / "Flickr8k.token.txt"

@@ -21,7 +21,8 @@ from caption.data.formats import (
 from caption.data.images import load_image
 from caption.data.records import ImageRecord
 from caption.errors import CaptionError
-from tests.conftest import TINY_MODEL, run
+from tests.helpers.cli import run
+from tests.helpers.config import TINY_MODEL
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image gives the test photos")
 
@@ -524,7 +525,8 @@ def test_check_images_reports_missing_files(tmp_path: Path, flickr_images: Path)
 def test_data_configs_share_keys() -> None:
     from caption.config import check_train_config
     from caption.overrides import group_options
-    from tests.conftest import CONF, compose_config
+    from tests.helpers import CONF
+    from tests.helpers.config import compose_config
 
     names = group_options(CONF / "data")
     assert {"shapes", "flickr8k", "flickr30k", "coco"} <= set(names)

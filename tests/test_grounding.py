@@ -25,7 +25,7 @@ from caption.grounding import (
 )
 from caption.inference import decode_bank, grounding_metrics, original_size, reference_alphas
 from caption.models.build import build_model
-from tests.conftest import TINY_MODEL, compose_config
+from tests.helpers.config import TINY_MODEL, compose_config
 
 GRID, S = (8, 8), 64  # 64 px images, an 8×8 grid of 8 px cells
 CELLS = cell_boxes(GRID, S)

@@ -11,7 +11,7 @@ from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import HardAttention
 from caption.models.build import build_model
 from caption.models.captioner import Captioner
-from tests.conftest import EXACT_HARD, NANO_MODEL, compose_config
+from tests.helpers.config import EXACT_HARD, NANO_MODEL, compose_config
 
 V = 12
 MICRO = [*NANO_MODEL, *EXACT_HARD]  # 16 px -> 4x4 grid: 16^2 location paths for 2 words

@@ -16,7 +16,7 @@ from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.attention import CaptionSteps, HardAttention, HardMemory
 from caption.models.build import build_model
 from caption.models.captioner import Captioner
-from tests.conftest import EXACT_HARD, NANO_MODEL, compose_config
+from tests.helpers.config import EXACT_HARD, NANO_MODEL, compose_config
 
 V = 12
 L = 4  # 8 px through two stride-2 layers: a 2x2 grid

@@ -17,7 +17,7 @@ from PIL import Image
 from caption.data.images import load_image, read_rgb
 from caption.errors import CaptionError
 from caption.train import train
-from tests.conftest import run
+from tests.helpers.cli import run
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

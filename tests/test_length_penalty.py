@@ -13,7 +13,8 @@ from caption.evaluate import evaluate
 from caption.generate import generate
 from caption.models.captioner import Captioner
 from caption.visualize import visualize
-from tests.conftest import DECODING_TOOLS, compose_config
+from tests.helpers.cli import DECODING_TOOLS
+from tests.helpers.config import compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

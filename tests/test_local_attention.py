@@ -12,8 +12,8 @@ from caption.models.attention import SoftAttention
 from caption.models.build import build_model
 from caption.models.local import LocalAttention
 from caption.models.scores import AdditiveScore
-from tests.conftest import TINY_MODEL, compose_config
-from tests.test_model import random_batch
+from tests.helpers.config import TINY_MODEL, compose_config
+from tests.helpers.models import random_batch
 
 H, D = 6, 5  # query and annotation sizes
 SCORE = partial(AdditiveScore, hidden_dim=8)

@@ -8,31 +8,8 @@ import torch.nn.functional as F
 
 from caption.data.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 from caption.errors import CaptionError
-from caption.models.build import build_model
 from caption.models.captioner import Captioner
-from tests.conftest import TINY_MODEL, compose_config
-
-V = 20
-
-
-def tiny_model(*overrides: str, seed: int = 0) -> Captioner:
-    torch.manual_seed(seed)
-    cfg = compose_config("train", [*TINY_MODEL, *overrides])
-    return build_model(cfg.model, vocab_size=V)
-
-
-def random_batch(B: int = 4, T: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (B, 3, 64, 64), dtype=torch.uint8, generator=g)
-    captions = torch.randint(4, V, (B, T), generator=g)
-    captions[:, 0] = START_ID
-    lengths = torch.randint(3, T + 1, (B,), generator=g)
-    lengths[0] = T
-    for b, n in enumerate(lengths.tolist()):
-        captions[b, n - 1] = END_ID
-        captions[b, n:] = PAD_ID
-    return images, captions
-
+from tests.helpers.models import V, random_batch, tiny_model
 
 VARIANTS = [
     [],

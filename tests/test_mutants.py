@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.mutants.run import Mutant, MutantError, load_mutants, mutate, run_mutant
 
 MUTANT_FILES = sorted((ROOT / "tests" / "mutants").glob("*.toml"))

@@ -6,7 +6,7 @@ import pytest
 
 from caption.errors import CaptionError
 from caption.overrides import check_overrides
-from tests.conftest import run
+from tests.helpers.cli import run
 
 COMMANDS = {
     "caption-train": "train",

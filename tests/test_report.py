@@ -17,8 +17,10 @@ from caption.data.vocab import SPECIALS, Vocabulary
 from caption.errors import CaptionError
 from caption.report import attention_record, render_page, report_item, write_report
 from caption.visualize import AttentionView, attention_views, visualize, window_cells
-from tests.conftest import compose_config, run
-from tests.test_visualize import images, tiny_model
+from tests.helpers.browser import canvas_pixels
+from tests.helpers.cli import run
+from tests.helpers.config import compose_config
+from tests.helpers.models import images, tiny_model
 
 GRID = (8, 8)
 
@@ -64,7 +66,7 @@ def decode_u8(record: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("attention", ["soft", "hard", "local"])
 def test_records_of_each_attention(attention: str) -> None:
-    model = tiny_model(f"model/attention={attention}")
+    model = tiny_model(f"model/attention={attention}").eval()
     vocab = Vocabulary([*SPECIALS, *(f"w{i}" for i in range(16))])
     gen = model.generate(images(2), strategy="greedy", max_len=6)
     views = attention_views(model, vocab, gen)
@@ -123,13 +125,6 @@ def test_page_is_self_contained_and_escapes_what_it_embeds() -> None:
 
 
 # --- in the browser ---------------------------------------------------------------------
-
-
-def canvas_pixels(card) -> np.ndarray:
-    """The pixels of the card's canvas as drawn, (H, W, 3) ints."""
-    url = card.locator("canvas").evaluate("c => c.toDataURL('image/png')")
-    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
-        return np.asarray(im.convert("RGB")).astype(int)
 
 
 def corner_brightness(pixels: np.ndarray) -> tuple[float, float]:

@@ -20,7 +20,9 @@ from caption.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
 from caption.errors import CaptionError
 from caption.train import train
 from caption.training.resume import capture_rng, restore_rng, resume_path, sync_metrics
-from tests.conftest import BIN, ROOT, TINY_MODEL, run
+from tests.helpers import BIN, ROOT
+from tests.helpers.cli import run
+from tests.helpers.config import TINY_MODEL
 
 STEPS = 24  # 2 epochs of 12 steps: 64 images x 6 captions / batch 32
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 # Page faults over three training steps of the default model on 80 px images. By default
 # glibc hands the freed activations of a step back to the kernel, and the next step faults
@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 PROGRAM = """
 import resource, sys, torch
 from caption.runtime import keep_freed_memory
-from tests.conftest import compose_config
+from tests.helpers.config import compose_config
 from caption.models.build import build_model
 if sys.argv[1] == "on":
     assert keep_freed_memory()

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from caption.data.vocab import END_ID, PAD_ID, START_ID
 from caption.models.build import build_model
 from caption.models.scores import AdditiveScore, DotScore, GeneralScore, ScaledDotScore
-from tests.conftest import CONF, TINY_MODEL, compose_config
+from tests.helpers import CONF
+from tests.helpers.config import TINY_MODEL, compose_config
 
 SCORES = {
     "additive": AdditiveScore,

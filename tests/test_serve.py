@@ -17,9 +17,9 @@ from PIL import Image
 
 from caption.errors import CaptionError
 from caption.serve import check_port, create_app
-from tests.conftest import compose_config
-from tests.serving import post, serving
-from tests.test_report import canvas_pixels
+from tests.helpers.browser import canvas_pixels
+from tests.helpers.config import compose_config
+from tests.helpers.serving import post, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]
 

@@ -16,8 +16,8 @@ from caption.errors import CaptionError
 from caption.models.captioner import Captioner
 from caption.speed import CompileFallback, Precision, compile_model
 from caption.train import train
-from tests.conftest import ROOT
-from tests.test_model import random_batch, tiny_model
+from tests.helpers import ROOT
+from tests.helpers.models import random_batch, tiny_model
 
 spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "bench" / "throughput.py")
 bench = importlib.util.module_from_spec(spec)

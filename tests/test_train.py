@@ -15,7 +15,8 @@ from caption.errors import CaptionError
 from caption.models.build import load_captioner
 from caption.overrides import check_group_overrides
 from caption.train import train
-from tests.conftest import compose_config, run
+from tests.helpers.cli import run
+from tests.helpers.config import compose_config
 
 
 def test_compose_default_and_overrides(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from caption.models.build import load_captioner
-from tests.conftest import run
-from tests.serving import post, serving
+from tests.helpers.cli import run
+from tests.helpers.serving import post, serving
 
 skdata = pytest.importorskip("skimage.data", reason="scikit-image gives the test photo")
 

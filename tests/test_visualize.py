@@ -11,8 +11,6 @@ import torch
 from PIL import Image
 
 from caption.data.vocab import END_ID, SPECIALS, Vocabulary
-from caption.models.build import build_model
-from caption.models.captioner import Captioner
 from caption.visualize import (
     attention_figure,
     attention_views,
@@ -20,21 +18,12 @@ from caption.visualize import (
     local_windows,
     window_cells,
 )
-from tests.conftest import ROOT, TINY_MODEL, compose_config, run
+from tests.helpers import ROOT
+from tests.helpers.cli import run
+from tests.helpers.config import TINY_MODEL
+from tests.helpers.models import V, images, tiny_model
 
-V = 20
 WORDS = ["a", "small", "red", "circle", "above", "a", "large", "blue", "square"]
-
-
-def tiny_model(*overrides: str) -> Captioner:
-    torch.manual_seed(0)
-    cfg = compose_config("train", [*TINY_MODEL, *overrides])
-    return build_model(cfg.model, vocab_size=V).eval()
-
-
-def images(n: int = 2) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=g)
 
 
 def gids(ax: matplotlib.axes.Axes) -> list[str | None]:
@@ -44,7 +33,7 @@ def gids(ax: matplotlib.axes.Axes) -> list[str | None]:
 @pytest.mark.parametrize("attention", ["soft", "hard", "local"])
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_figure_has_one_panel_per_word(attention: str, strategy: str, tmp_path: Path) -> None:
-    model = tiny_model(f"model/attention={attention}")
+    model = tiny_model(f"model/attention={attention}").eval()
     with torch.no_grad():  # no <end>: every caption has max_len words (the words are fake)
         model.decoder.L_o.bias[END_ID] = float("-inf")
     x = images()
@@ -94,7 +83,7 @@ def test_hard_marker_is_the_chosen_cell() -> None:
 def test_local_window_matches_where_alpha_is_nonzero() -> None:
     """The outlined window is exactly the cells local attention could use, for each word,
     with greedy and with beam search (whose reordering must keep positions with alphas)."""
-    model = tiny_model("model/attention=local")
+    model = tiny_model("model/attention=local").eval()
     for strategy in ("greedy", "beam"):
         gen = model.generate(images(3), strategy=strategy, beam_size=3, max_len=6)
         assert gen.positions is not None and gen.positions.shape == (*gen.alphas.shape[:2], 2)

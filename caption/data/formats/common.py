@@ -11,6 +11,16 @@ from caption.data.records import ImageRecord
 from caption.errors import CaptionError
 
 
+def caption_file_at(path: str | Path, what: str) -> Path:
+    """`path` as a `Path`; a missing file fails saying what to pass (`what`) instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise CaptionError(
+            f"data.annotations: {path} does not exist; pass {what} with data.annotations=<file>"
+        )
+    return path
+
+
 def image_root(images: str | Path | None, caption_file: Path) -> Path:
     """The image folder: `images`, or else the caption file's folder; it must exist."""
     root = Path(images) if images is not None else caption_file.parent

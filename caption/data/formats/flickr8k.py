@@ -10,7 +10,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from caption.data.formats.common import clip, first, image_root, summary, text_lines
+from caption.data.formats.common import (
+    caption_file_at,
+    clip,
+    first,
+    image_root,
+    summary,
+    text_lines,
+)
 from caption.data.formats.splits import SplitEntry, first_time, read_splits_json
 from caption.data.records import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
@@ -47,12 +54,7 @@ def read_flickr8k(
     Returns:
         `{"train": [...], "val": [...], "test": [...]}`; ids run 0.. over train, val, test.
     """
-    token_file = Path(token_file)
-    if not token_file.is_file():
-        raise CaptionError(
-            f"data.annotations: {token_file} does not exist; pass Flickr8k.token.txt with "
-            "data.annotations=<file>"
-        )
+    token_file = caption_file_at(token_file, "Flickr8k.token.txt")
     root = image_root(images, token_file)
     captions, n_dropped = _read_token_file(token_file)
     if splits_file is not None:

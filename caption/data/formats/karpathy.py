@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from caption.data.formats.common import image_root
+from caption.data.formats.common import caption_file_at, image_root
 from caption.data.records import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
 from caption.errors import CaptionError
@@ -29,12 +29,7 @@ def read_karpathy(
     Returns:
         `{"train": [...], "val": [...], "test": [...]}`.
     """
-    caption_file = Path(caption_file)
-    if not caption_file.is_file():
-        raise CaptionError(
-            f"data.annotations: {caption_file} does not exist; pass the Karpathy "
-            "split JSON with data.annotations=<file>"
-        )
+    caption_file = caption_file_at(caption_file, "the Karpathy split JSON")
     root = image_root(images, caption_file)
     try:
         doc = json.loads(caption_file.read_text())

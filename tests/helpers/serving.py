@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import BIN, ROOT
+from tests.helpers import BIN, ROOT
 
 
 def free_port() -> int:

@@ -7,9 +7,14 @@ everything that would reach the network on its own (updates, sync, QUIC) switche
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 CHROMIUM = os.environ.get("CAPTION_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -41,3 +46,14 @@ def launch_chromium(playwright: Any, profile: str | Path, executable: str = CHRO
         args=CHROMIUM_ARGS,
         viewport={"width": 1200, "height": 900},
     )
+
+
+def canvas_pixels(card: Any) -> np.ndarray:
+    """The pixels of a page element's canvas as drawn, (H, W, 3) ints.
+
+    Args:
+        card: a Playwright `Locator` of an element that holds one `<canvas>`.
+    """
+    url = card.locator("canvas").evaluate("c => c.toDataURL('image/png')")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
+        return np.asarray(im.convert("RGB")).astype(int)
