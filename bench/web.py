@@ -31,11 +31,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from caption.browser import CHROMIUM, launch_chromium
+from caption.cli.visualize import visualize
 from caption.config import CONF_DIR
 from caption.data.shapes import generate_shapes
 from caption.models.build import load_captioner
 from caption.runtime import configure_cpu
-from caption.visualize import visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 

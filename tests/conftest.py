@@ -15,12 +15,12 @@ from omegaconf import DictConfig
 
 from caption.browser import CHROMIUM, launch_chromium
 from caption.checkpoint import load_checkpoint, save_checkpoint
+from caption.cli.evaluate import evaluate
+from caption.cli.generate import generate
+from caption.cli.serve import check_serve_config
+from caption.cli.visualize import visualize
 from caption.data.shapes import generate_shapes
 from caption.data.vocab import END_ID
-from caption.evaluate import evaluate
-from caption.generate import generate
-from caption.serve import check_serve_config
-from caption.visualize import visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
+from caption.cli.evaluate import evaluate
 from caption.errors import CaptionError
-from caption.evaluate import evaluate
 from tests.conftest import compose_config, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]

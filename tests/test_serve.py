@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from caption.cli.serve import check_port, create_app
 from caption.errors import CaptionError
-from caption.serve import check_port, create_app
 from tests.conftest import compose_config
 from tests.serving import post, serving
 from tests.test_report import canvas_pixels

@@ -15,9 +15,9 @@ from caption.data.formats import check_images, read_split
 from caption.data.records import SPLITS, ImageRecord
 from caption.data.vocab import tokenize
 from caption.errors import CaptionError
+from caption.evaluation.decode import caption_line, decode_bank, grounding_metrics
+from caption.evaluation.metrics import bleu, coco_metrics
 from caption.files import advice, advised, atomic_file
-from caption.inference import caption_line, decode_bank, grounding_metrics
-from caption.metrics import bleu, coco_metrics
 from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
@@ -137,9 +137,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score a checkpoint, or a file of captions, on a split, and write the metrics JSON.
 
     With `checkpoint=`, each image is decoded once. On a dataset whose images carry `objects`
-    (the shapes set), the grounding scores of `caption.grounding` join the metrics: for the
-    generated captions, a uniform-attention baseline and the reference captions under teacher
-    forcing. With `results=`, the captions in that file are scored, no model needed.
+    (the shapes set), the grounding scores of `caption.evaluation.grounding` join the
+    metrics: for the generated captions, a uniform-attention baseline and the reference
+    captions under teacher forcing. With `results=`, the captions in that file are scored, no
+    model needed.
 
     Returns:
         The metrics: `bleu1`..`bleu4`, `meteor`, `rouge_l`, `cider`, the grounding keys where
