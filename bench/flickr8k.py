@@ -235,7 +235,7 @@ def phase_train(args: argparse.Namespace, work: Path, device: torch.device) -> d
 
 def phase_decode(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     """Time greedy and beam 3 decoding of `--decode-images` test photos, alternated."""
-    from caption.inference import decode_bank
+    from caption.evaluation.decode import decode_bank
     from caption.models.build import load_captioner
 
     model, vocab, cfg = load_captioner(args.checkpoint, device)

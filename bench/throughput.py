@@ -145,9 +145,9 @@ def matmul_flops_per_sec(device: torch.device, n: int = 2048, repeats: int = 3) 
 def phase_shapes_train(args: argparse.Namespace, work: Path, device: torch.device) -> dict:
     from hydra import compose, initialize_config_dir
 
+    from caption.cli.train import train
     from caption.config import CONF_DIR
     from caption.data.shapes import generate_shapes
-    from caption.train import train
 
     data = generate_shapes(work / "shapes", n_train=2000, n_val=1, n_test=args.decode_images)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from caption.cli.visualize import visualize
 from caption.config import CONF_DIR
 from caption.data.shapes import generate_shapes
 from caption.models.build import load_captioner
 from caption.runtime import configure_cpu
-from caption.visualize import visualize
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python bench/web.py` from a checkout: tests.helpers

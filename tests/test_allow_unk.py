@@ -13,18 +13,18 @@ import torch
 from fastapi import UploadFile
 
 from caption.checkpoint import load_checkpoint, save_checkpoint
+from caption.cli.evaluate import evaluate
+from caption.cli.generate import generate
+from caption.cli.serve import create_app
+from caption.cli.visualize import visualize
 from caption.config import check_train_config
 from caption.data.dataset import ImageBank
 from caption.data.formats import read_split
 from caption.data.vocab import END_ID, UNK_ID
 from caption.errors import CaptionError
-from caption.evaluate import evaluate
-from caption.generate import generate
-from caption.inference import score_bank
+from caption.evaluation.decode import score_bank
 from caption.models.build import build_model, load_captioner
 from caption.models.captioner import Captioner
-from caption.serve import create_app
-from caption.visualize import visualize
 from tests.helpers.cli import DECODING_TOOLS, run
 from tests.helpers.config import TINY_MODEL, compose_config
 

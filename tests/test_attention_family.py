@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caption.compare import find_runs, markdown_table
+from caption.cli.compare import find_runs, markdown_table
 from caption.data.vocab import PAD_ID
 from caption.models.attention import CaptionSteps
 from caption.models.build import build_model

@@ -24,17 +24,17 @@ import torch
 from omegaconf import OmegaConf
 
 from caption.checkpoint import load_checkpoint, save_checkpoint
+from caption.cli.evaluate import evaluate
+from caption.cli.generate import generate
+from caption.cli.visualize import visualize
 from caption.data.dataset import ImageBank
 from caption.data.features import FeatureBank
 from caption.data.formats import read_karpathy
 from caption.data.vocab import Vocabulary
-from caption.evaluate import evaluate
 from caption.files import WriteError, atomic_file, write_failure
-from caption.generate import generate
 from caption.logfile import RunLogFile
 from caption.models.build import build_model
 from caption.models.encoder import Encoder
-from caption.visualize import visualize
 from tests.helpers import ROOT
 from tests.helpers.cli import run
 from tests.helpers.config import TINY_MODEL, compose_config

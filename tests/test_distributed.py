@@ -83,7 +83,7 @@ def _train(
             "--standalone",
             f"--nproc_per_node={nproc}",
             "-m",
-            "caption.train",
+            "caption.cli.train",
             *args,
         ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
+from caption.cli.evaluate import evaluate
 from caption.errors import CaptionError
-from caption.evaluate import evaluate
 from tests.helpers.cli import run
 from tests.helpers.config import compose_config
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from caption.cli.train import train
 from caption.data.dataset import ImageBank
 from caption.data.features import FeatureBank, cache_key
 from caption.data.formats import read_karpathy
 from caption.errors import CaptionError
 from caption.models.encoder import Encoder
-from caption.train import train
 from tests.helpers.cli import run
 from tests.helpers.config import TINY_MODEL
 

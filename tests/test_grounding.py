@@ -11,7 +11,13 @@ from caption.data.dataset import ImageBank
 from caption.data.formats import read_karpathy
 from caption.data.records import ImageRecord
 from caption.data.vocab import Vocabulary
-from caption.grounding import (
+from caption.evaluation.decode import (
+    decode_bank,
+    grounding_metrics,
+    original_size,
+    reference_alphas,
+)
+from caption.evaluation.grounding import (
     GroundingTally,
     Mention,
     box_overlap,
@@ -23,7 +29,6 @@ from caption.grounding import (
     score_caption,
     score_mention,
 )
-from caption.inference import decode_bank, grounding_metrics, original_size, reference_alphas
 from caption.models.build import build_model
 from tests.helpers.config import TINY_MODEL, compose_config
 

@@ -14,9 +14,9 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from caption.cli.train import train
 from caption.data.images import load_image, read_rgb
 from caption.errors import CaptionError
-from caption.train import train
 from tests.helpers.cli import run
 
 

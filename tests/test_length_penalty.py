@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from caption.cli.evaluate import evaluate
+from caption.cli.generate import generate
+from caption.cli.visualize import visualize
 from caption.config import check_train_config
 from caption.errors import CaptionError
-from caption.evaluate import evaluate
-from caption.generate import generate
 from caption.models.captioner import Captioner
-from caption.visualize import visualize
 from tests.helpers.cli import DECODING_TOOLS
 from tests.helpers.config import compose_config
 

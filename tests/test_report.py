@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from caption.cli.visualize import visualize
 from caption.data.vocab import SPECIALS, Vocabulary
 from caption.errors import CaptionError
-from caption.report import attention_record, render_page, report_item, write_report
-from caption.visualize import AttentionView, attention_views, visualize, window_cells
+from caption.views.attention import AttentionView, attention_views, window_cells
+from caption.views.report import attention_record, render_page, report_item, write_report
 from tests.helpers.browser import canvas_pixels
 from tests.helpers.cli import run
 from tests.helpers.config import compose_config

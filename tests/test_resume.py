@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from caption.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from caption.cli.train import train
 from caption.errors import CaptionError
-from caption.train import train
 from caption.training.resume import capture_rng, restore_rng, resume_path, sync_metrics
 from tests.helpers import BIN, ROOT
 from tests.helpers.cli import run

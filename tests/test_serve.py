@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from caption.cli.serve import check_port, create_app
 from caption.errors import CaptionError
-from caption.serve import check_port, create_app
 from tests.helpers.browser import canvas_pixels
 from tests.helpers.config import compose_config
 from tests.helpers.serving import post, serving

@@ -11,11 +11,11 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
+from caption.cli.train import train
 from caption.data.vocab import PAD_ID, START_ID
 from caption.errors import CaptionError
 from caption.models.captioner import Captioner
 from caption.speed import CompileFallback, Precision, compile_model
-from caption.train import train
 from tests.helpers import ROOT
 from tests.helpers.models import random_batch, tiny_model
 

@@ -11,10 +11,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from caption.checkpoint import load_checkpoint, save_checkpoint
+from caption.cli.train import train
 from caption.errors import CaptionError
 from caption.models.build import load_captioner
 from caption.overrides import check_group_overrides
-from caption.train import train
 from tests.helpers.cli import run
 from tests.helpers.config import compose_config
 

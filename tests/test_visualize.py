@@ -11,13 +11,8 @@ import torch
 from PIL import Image
 
 from caption.data.vocab import END_ID, SPECIALS, Vocabulary
-from caption.visualize import (
-    attention_figure,
-    attention_views,
-    heat_maps,
-    local_windows,
-    window_cells,
-)
+from caption.views.attention import attention_views, heat_maps, local_windows, window_cells
+from caption.views.figures import attention_figure
 from tests.helpers import ROOT
 from tests.helpers.cli import run
 from tests.helpers.config import TINY_MODEL
@@ -156,8 +151,8 @@ def test_images_are_drawn_upright(tmp_path: Path) -> None:
     import io
 
     from caption.data.images import read_rgb
-    from caption.report import embed_image
-    from caption.visualize import shown_image
+    from caption.views.attention import shown_image
+    from caption.views.report import embed_image
 
     photo = Image.new("RGB", (60, 30), (200, 30, 30))
     photo.paste((30, 30, 200), (0, 0, 30, 30))  # left half blue

@@ -7,7 +7,7 @@
 - `schedules`: the learning-rate schedules of `conf/scheduler/`.
 - `dist`: `Dist`, this process's place in a `torchrun` job and its collectives.
 
-`caption-train` (`caption.train`) builds the objects from a config and hands them to `Trainer`.
+`caption-train` (`caption.cli.train`) builds the objects from a config and hands them to `Trainer`.
 """
 
 from caption.training.dist import Dist

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from caption.checkpoint import save_checkpoint
 from caption.data.dataset import CaptionBatch, CaptionDataset, strict_stop
 from caption.data.vocab import Vocabulary
+from caption.evaluation.decode import score_bank
 from caption.files import atomic_file
-from caption.inference import score_bank
 from caption.models.captioner import Captioner
 from caption.speed import Precision, compile_model
 from caption.training.data import Bank, build_loader

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 
-from caption.evaluate import evaluate
-from caption.generate import generate
-from caption.serve import check_serve_config
-from caption.visualize import visualize
+from caption.cli.evaluate import evaluate
+from caption.cli.generate import generate
+from caption.cli.serve import check_serve_config
+from caption.cli.visualize import visualize
 from tests.helpers import BIN, ROOT
 
 # The tools that decode, each with the function that checks its config and the overrides it

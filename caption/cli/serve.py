@@ -3,7 +3,7 @@
     caption-serve checkpoint=outputs/demo/checkpoints/best.pt        # http://127.0.0.1:8000/
 
 `GET /` is one page: drop or choose an image, pick the beam size, and read the caption with
-the attention view of the HTML report (the same script, `caption/web/attention.js`).
+the attention view of the HTML report (the same script, `caption/views/web/attention.js`).
 `POST /caption` takes the image as the multipart field `image` (and optionally `beam_size`)
 and answers the caption, its words, and per word the gate β and the attention map; the
 OpenAPI schema at `/openapi.json` documents it. Bad requests get a 4xx status and
@@ -34,9 +34,9 @@ from caption.config import check_bool, check_choice, check_float, check_int, res
 from caption.errors import CaptionError
 from caption.models.build import load_captioner
 from caption.overrides import hydra_command
-from caption.report import attention_record, render_page
 from caption.runtime import configure_cpu
-from caption.visualize import attention_views
+from caption.views.attention import attention_views
+from caption.views.report import attention_record, render_page
 
 try:  # the optional `web` extra
     import uvicorn
@@ -242,19 +242,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
         docs_url=None,  # Swagger UI and ReDoc load from a CDN: the app stays offline
         redoc_url=None,
     )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
-            for e in exc.errors()
-        ]
-        hint = "send the image as multipart field 'image', optionally 'beam_size' (/openapi.json)"
-        return JSONResponse({"error": f"{'; '.join(problems)}; {hint}"}, status_code=422)
+    _errors_as_json(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -301,6 +289,23 @@ def create_app(cfg: DictConfig) -> FastAPI:
 
     app.add_middleware(UploadLimit, max_bytes=int(cfg.max_upload_mb * 2**20))
     return app
+
+
+def _errors_as_json(app: FastAPI) -> None:
+    """Answer HTTP errors and invalid requests as `{"error": "<what is wrong; what to do>"}`."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
+            for e in exc.errors()
+        ]
+        hint = "send the image as multipart field 'image', optionally 'beam_size' (/openapi.json)"
+        return JSONResponse({"error": f"{'; '.join(problems)}; {hint}"}, status_code=422)
 
 
 def check_port(host: str, port: int) -> None:

@@ -13,11 +13,11 @@ from caption.config import check_bool, check_choice, check_decoding, resolve_dev
 from caption.data.dataset import ImageBank
 from caption.data.formats import check_images, read_split
 from caption.data.records import SPLITS, ImageRecord
-from caption.data.vocab import tokenize
 from caption.errors import CaptionError
+from caption.evaluation.decode import caption_line, decode_bank, grounding_metrics
+from caption.evaluation.metrics import bleu, coco_metrics
+from caption.evaluation.results import load_results
 from caption.files import advice, advised, atomic_file
-from caption.inference import caption_line, decode_bank, grounding_metrics
-from caption.metrics import bleu, coco_metrics
 from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
@@ -49,73 +49,6 @@ def _records(cfg: DictConfig, train_data: DictConfig | None) -> list[ImageRecord
     return read_split(source, cfg.split, "karpathy")
 
 
-def load_results(
-    path: str | Path, records: list[ImageRecord], partial: bool = False
-) -> tuple[list[ImageRecord], list[list[str]]]:
-    """The records a results file captions, and their captions, in `records` order.
-
-    Args:
-        path: JSON Lines with `image` (a file name or path) and `caption`, as `caption-generate`
-            writes, or the COCO results format `[{"image_id", "caption"}]`.
-        records: the images of the split to score.
-        partial: keep the records the file captions and drop the others, instead of refusing
-            a file that misses some.
-
-    Raises:
-        CaptionError: the file is unreadable, or some image of the split has no caption (with
-            `partial`: none has).
-    """
-    captions = _read_results(Path(path))
-    covered, ordered, missing = [], [], []
-    for r in records:
-        caption = captions.get(("name", r.path.name), captions.get(("id", r.imgid)))
-        if caption is None:
-            missing.append(r.path.name)
-        else:
-            covered.append(r)
-            ordered.append(caption)
-    if missing and not partial:  # scoring the rest would hide how many were left out
-        raise CaptionError(
-            f"results: {path} has no caption for {len(missing)} of "
-            f"{len(records)} images ({', '.join(missing[:5])}); caption them all"
-        )
-    if not covered:
-        raise CaptionError(
-            f"results: {path} captions none of the split's {len(records)} images "
-            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
-            "check split= and the dataset it is scored against"
-        )
-    return covered, ordered
-
-
-def _read_results(path: Path) -> dict[tuple[str, object], list[str]]:
-    """A results file's tokenised captions by `("name", file name)` or `("id", image id)`."""
-    if not path.is_file():
-        raise CaptionError(f"results: {path} does not exist")
-    text = path.read_text()
-    try:
-        if text.lstrip().startswith("["):
-            entries = json.loads(text)
-        else:
-            entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise CaptionError(
-            f"results: {path} is neither JSON Lines nor a COCO results list ({e})"
-        ) from None
-    captions: dict[tuple[str, object], list[str]] = {}
-    for n, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict) or "caption" not in entry:
-            raise CaptionError(f"results: {path}: entry {n} has no 'caption'")
-        if "image_id" in entry:
-            key: tuple[str, object] = ("id", int(entry["image_id"]))
-        elif "image" in entry:
-            key = ("name", Path(str(entry["image"])).name)
-        else:
-            raise CaptionError(f"results: {path}: entry {n} has neither 'image' nor 'image_id'")
-        captions[key] = tokenize(str(entry["caption"]))
-    return captions
-
-
 def text_metrics(
     records: list[ImageRecord], hypotheses: list[list[str]], cfg: DictConfig
 ) -> dict[str, float]:
@@ -137,9 +70,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score a checkpoint, or a file of captions, on a split, and write the metrics JSON.
 
     With `checkpoint=`, each image is decoded once. On a dataset whose images carry `objects`
-    (the shapes set), the grounding scores of `caption.grounding` join the metrics: for the
-    generated captions, a uniform-attention baseline and the reference captions under teacher
-    forcing. With `results=`, the captions in that file are scored, no model needed.
+    (the shapes set), the grounding scores of `caption.evaluation.grounding` join the
+    metrics: for the generated captions, a uniform-attention baseline and the reference
+    captions under teacher forcing. With `results=`, the captions in that file are scored, no
+    model needed.
 
     Returns:
         The metrics: `bleu1`..`bleu4`, `meteor`, `rouge_l`, `cider`, the grounding keys where

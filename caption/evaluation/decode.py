@@ -19,7 +19,7 @@ from caption.data.images import MAX_PIXELS
 from caption.data.records import ImageRecord
 from caption.data.vocab import PAD_ID, Vocabulary
 from caption.errors import CaptionError
-from caption.grounding import (
+from caption.evaluation.grounding import (
     GroundingTally,
     cell_boxes,
     find_mentions,
@@ -27,7 +27,7 @@ from caption.grounding import (
     object_vocabulary,
     score_caption,
 )
-from caption.metrics import bleu
+from caption.evaluation.metrics import bleu
 from caption.models.captioner import Captioner
 from caption.models.decoding import Generated
 

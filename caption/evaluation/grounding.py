@@ -15,7 +15,7 @@ so it points at least once in n steps with probability 1 − (1 − share)^n; it
 box is the box's share of the image area.
 
 Everything here is a pure function of tokens, objects, boxes and attention maps; running a
-model is `caption.inference`'s job. Boxes are `[x0, y0, x1, y1]` pixels, x1 and y1
+model is `caption.evaluation.decode`'s job. Boxes are `[x0, y0, x1, y1]` pixels, x1 and y1
 exclusive, in the coordinates of the image the model saw (see `scale_box`). Cell (i, j) of an
 H'×W' grid over an H×W image covers rows [i·H/H', (i+1)·H/H') and columns [j·W/W',
 (j+1)·W/W'), row-major like the attention's L = H'·W' cells.

@@ -11,8 +11,8 @@ from omegaconf import DictConfig
 
 from caption.config import check_decoding, check_float, check_int, resolve_device
 from caption.data.images import expand_images
+from caption.evaluation.decode import caption_files, caption_line
 from caption.files import PartialLines
-from caption.inference import caption_files, caption_line
 from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu

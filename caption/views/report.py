@@ -2,7 +2,7 @@
 
 A record (`attention_record`) is one caption as JSON: its words, the gate β and attention map
 of every word, the colour scale, and hard attention's sampled cells or local attention's
-windows. `caption/web/attention.js` draws any record over its image; the HTML report
+windows. `caption/views/web/attention.js` draws any record over its image; the HTML report
 (`caption-visualize format=html`) and the web app (`caption-serve`) both embed that one
 script and the same stylesheet, so a map looks the same in either.
 
@@ -29,9 +29,9 @@ import numpy as np
 from matplotlib import colormaps
 
 from caption.data.images import MAX_PIXELS
+from caption.evaluation.metrics import bleu
 from caption.files import atomic_file
-from caption.metrics import bleu
-from caption.visualize import (
+from caption.views.attention import (
     CMAP,
     HARD_COLOR,
     OVERLAY_ALPHA,
@@ -52,7 +52,7 @@ def attention_record(
     """One caption's attention as JSON for `attention.js`.
 
     Args:
-        view: the caption and what each word looked at (`caption.visualize.attention_views`).
+        view: the caption and what each word looked at (`caption.views.attention.attention_views`).
         normalize: `shared` (one colour scale per caption, `vmax` a number) or `panel` (each
             word to its own maximum, `vmax` a list); neither ends below 4/L.
         compact: store the attention as `attention_u8` (base64 of n×L bytes, row-major, each
@@ -151,7 +151,7 @@ def _json(value: Any) -> str:
 
 
 def render_page(template: str, *, title: str, subtitle: str, data: Any) -> str:
-    """Fill `caption/web/<template>` with the shared script, styles and colormap, and `data`.
+    """Fill `caption/views/web/<template>` with the shared script, styles and colormap, and `data`.
 
     Args:
         template: `report.html` or `app.html`.

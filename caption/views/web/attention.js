@@ -1,6 +1,6 @@
-/* The attention view shared by the HTML report and the web app (caption/web/attention.js).
+/* The attention view shared by the HTML report and the web app (caption/views/web/attention.js).
  *
- * A record is what caption.report.attention_record returns: the words and their gates
+ * A record is what caption.views.report.attention_record returns: the words and their gates
  * (betas), the encoder grid [H', W'], the colour scale (vmax: one number, or one per word),
  * the attention rows (floats in `attention`, or uint8 in base64 `attention_u8` scaled by
  * `attention_max`), and hard attention's `locations` or local attention's `windows` (per
