@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,9 +43,8 @@ class Captioner(nn.Module):
         vocab_size: V.
         doubly_stochastic: λ of the penalty λ Σ_i (1 - Σ_t α_ti)² (0 switches it off): the
             authors' alpha_c, see `loss` for the normalisation.
-        encoder_self_attention: self-attention over the annotation vectors before decoding:
-            an `AnnotationSelfAttention`, or its options (`layers`, `heads`, `ff_dim`,
-            `dropout`) to build one.
+        encoder_self_attention: self-attention over the annotation vectors before decoding,
+            built by `caption.models.build` from `model.encoder_self_attention` (None: off).
         **decoder_kwargs: the remaining `Decoder` options.
     """
 
@@ -56,14 +55,13 @@ class Captioner(nn.Module):
         score: Callable[..., nn.Module],
         vocab_size: int,
         doubly_stochastic: float = 1.0,
-        encoder_self_attention: Mapping[str, Any] | AnnotationSelfAttention | None = None,
+        encoder_self_attention: AnnotationSelfAttention | None = None,
         **decoder_kwargs: Any,
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        if not isinstance(encoder_self_attention, AnnotationSelfAttention):
-            options = encoder_self_attention or {}
-            encoder_self_attention = AnnotationSelfAttention(encoder.out_dim, **options)
+        if encoder_self_attention is None:  # off: the paper decodes the annotations as they are
+            encoder_self_attention = AnnotationSelfAttention(encoder.out_dim, layers=0)
         self.self_attention = encoder_self_attention
         self.decoder = Decoder(vocab_size, encoder.out_dim, attention, score, **decoder_kwargs)
         self.doubly_stochastic = doubly_stochastic
