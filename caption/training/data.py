@@ -6,7 +6,7 @@ a frozen encoder's annotation vectors computed once, so that epochs run the deco
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -19,9 +19,11 @@ from caption.data.records import ImageRecord
 from caption.data.sampler import EpochSampler
 from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError
-from caption.models.encoder import Encoder
 from caption.training.dist import Dist
 from caption.training.resume import ignore_stop_signals
+
+if TYPE_CHECKING:  # importing the encoder pulls in torchvision: ~3 s at every command's start
+    from caption.models.encoder import Encoder
 
 Bank = ImageBank | FeatureBank
 
