@@ -74,6 +74,12 @@ def check_decoding(cfg: DictConfig, prefix: str = "") -> None:
     check_float(cfg, f"{prefix}length_penalty", 0.0)
 
 
+def decoding_options(cfg: DictConfig) -> dict[str, Any]:
+    """The decoding options `check_decoding` checked, as keywords of the decoders."""
+    keys = ("strategy", "beam_size", "max_len", "allow_unk", "length_penalty")
+    return {key: cfg[key] for key in keys}
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; anything else must be a device torch knows and has."""
     if name == "auto":

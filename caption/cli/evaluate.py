@@ -9,7 +9,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from caption.config import check_bool, check_choice, check_decoding, resolve_device
+from caption.config import (
+    check_bool,
+    check_choice,
+    check_decoding,
+    decoding_options,
+    resolve_device,
+)
 from caption.data.dataset import ImageBank
 from caption.data.formats import check_images, read_split
 from caption.data.records import SPLITS, ImageRecord
@@ -105,13 +111,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         model,
         bank,
         vocab,
-        strategy=cfg.strategy,
-        beam_size=cfg.beam_size,
-        max_len=cfg.max_len,
         batch_size=cfg.batch_size,
         device=device,
-        allow_unk=cfg.allow_unk,
-        length_penalty=cfg.length_penalty,
+        **decoding_options(cfg),
     )
     metrics = text_metrics(bank.records, [c["tokens"] for c in captions], cfg)
     if any(r.objects for r in bank.records):

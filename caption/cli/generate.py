@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from caption.config import check_decoding, check_float, check_int, resolve_device
+from caption.config import check_decoding, check_float, check_int, decoding_options, resolve_device
 from caption.data.images import expand_images
 from caption.evaluation.decode import caption_files, caption_line
 from caption.files import PartialLines
@@ -47,12 +47,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
             batch_size=cfg.batch_size,
             device=device,
             max_pixels=cfg.max_image_pixels,
-            strategy=cfg.strategy,
-            beam_size=cfg.beam_size,
-            max_len=cfg.max_len,
             temperature=cfg.temperature,
-            allow_unk=cfg.allow_unk,
-            length_penalty=cfg.length_penalty,
+            **decoding_options(cfg),
         )
         for good, gen in batches:
             out.write(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from caption.config import check_choice, check_decoding, check_int, resolve_device
+from caption.config import check_choice, check_decoding, check_int, decoding_options, resolve_device
 from caption.data.formats import read_split
 from caption.data.images import expand_images
 from caption.data.records import SPLITS
@@ -104,12 +104,8 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         failed,
         batch_size=cfg.batch_size,
         device=device,
-        strategy=cfg.strategy,
-        beam_size=cfg.beam_size,
-        max_len=cfg.max_len,
         max_pixels=cfg.max_image_pixels,
-        allow_unk=cfg.allow_unk,
-        length_penalty=cfg.length_penalty,
+        **decoding_options(cfg),
     )
     for good, gen in batches:
         for path, view in zip(good, attention_views(model, vocab, gen), strict=True):
