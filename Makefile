@@ -1,4 +1,4 @@
-# make demo | make test | make test-fast | make lint | make bench | make flickr8k | make bench-flickr8k | make mutants
+# make demo | make test | make test-fast | make lint | make bench | make flickr8k | make flickr8k-scst | make bench-flickr8k | make mutants
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ CHROMIUM ?= /usr/bin/chromium
 DEMO := outputs/demo
 SHAPES := data/shapes/dataset_shapes.json
 
-.PHONY: venv demo test test-fast lint format bench bench-web bench-flickr8k clean chromium mutants flickr8k flickr8k-data
+.PHONY: venv demo test test-fast lint format bench bench-web bench-flickr8k clean chromium mutants flickr8k flickr8k-data flickr8k-scst
 
 # torch/torchvision come from this machine's local wheels; `pip install -e .[dev]` pins them.
 $(STAMP): pyproject.toml
@@ -118,3 +118,17 @@ bench-flickr8k: $(STAMP)
 # The report of 1,000 test images and POST /caption latency, with `make demo`'s model.
 bench-web: $(STAMP) chromium
 	$(BIN)/python bench/web.py --chromium $(CHROMIUM)
+
+# Self-critical fine-tuning of the recipe's best.pt on CIDEr-D (built first if missing), then
+# both models' test metrics side by side, decoded the same way (beam 3).
+F8K_SCST := outputs/flickr8k-scst
+$(F8K_SCST)/summary.json: | $(F8K_MODEL)
+	$(BIN)/caption-train $(F8K_RUN) experiment=scst init_from=$(F8K_MODEL) resume=auto \
+		hydra.run.dir=$(F8K_SCST)
+
+flickr8k-scst: $(F8K_SCST)/summary.json | flickr8k-data
+	$(BIN)/caption-evaluate checkpoint=$(F8K_MODEL) split=test output=$(F8K_SCST)/eval_test_xe.json > /dev/null
+	$(BIN)/caption-evaluate checkpoint=$(F8K_SCST)/checkpoints/best.pt split=test \
+		captions=$(F8K_SCST)/test_captions.jsonl output=$(F8K_SCST)/eval_test.json > /dev/null
+	$(BIN)/python bench/side_by_side.py cross-entropy=$(F8K_SCST)/eval_test_xe.json \
+		SCST=$(F8K_SCST)/eval_test.json | tee $(F8K_SCST)/side_by_side.md

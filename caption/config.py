@@ -111,6 +111,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_bool(t, "trainer.deterministic")
     check_float(t, "trainer.dist_timeout_s", 1.0)
     check_decoding(t.val, "trainer.val.")
+    _check_objective(cfg)
     check_int(d, "data.image_size", 16)
     check_int(d, "data.batch_size", 1)
     check_int(d, "data.min_count", 1)
@@ -143,4 +144,32 @@ def check_train_config(cfg: DictConfig) -> None:
             f"config: model.encoder.image_size={side} differs from data.image_size="
             f"{d.image_size}, the side training resizes images to; set data.image_size, "
             "which the model's follows"
+        )
+
+
+OBJECTIVES = ("xe", "scst")
+MONITORS = ("bleu4", "cider")
+SCST_BASELINES = ("greedy", "mean")
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    """`trainer.objective`, its `trainer.scst` options, `trainer.monitor` and `init_from`."""
+    t = cfg.trainer
+    check_choice(t, "trainer.objective", OBJECTIVES)
+    check_choice(t, "trainer.monitor", MONITORS)
+    check_int(t.scst, "trainer.scst.samples", 1)
+    check_int(t.scst, "trainer.scst.max_len", 1)
+    check_choice(t.scst, "trainer.scst.baseline", SCST_BASELINES)
+    if t.scst.baseline == "mean" and t.scst.samples < 2:
+        raise CaptionError(
+            "config: trainer.scst.baseline=mean averages the other samples of an image; "
+            "set trainer.scst.samples to 2 or more"
+        )
+    init_from = cfg.get("init_from")
+    if init_from is not None and not isinstance(init_from, str):
+        _fail("init_from", init_from, "a checkpoint file")
+    if t.objective == "scst" and init_from is None and cfg.resume is None:
+        raise CaptionError(
+            "config: trainer.objective=scst fine-tunes a trained model; "
+            "add init_from=<checkpoint> (e.g. a cross-entropy run's checkpoints/best.pt)"
         )

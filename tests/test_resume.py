@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import random
-import re
 import signal
 import subprocess
 import time
@@ -23,6 +22,7 @@ from caption.training.resume import capture_rng, restore_rng, resume_path, sync_
 from tests.helpers import BIN, ROOT
 from tests.helpers.cli import run
 from tests.helpers.config import TINY_MODEL
+from tests.helpers.resume import assert_same_run, wait_for_step
 
 STEPS = 24  # 2 epochs of 12 steps: 64 images x 6 captions / batch 32
 
@@ -47,23 +47,8 @@ def _args(shapes: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def _final(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-
-
 def _assert_same_run(a: Path, b: Path) -> None:
-    x, y = _final(a), _final(b)
-    assert x["progress"]["step"] == y["progress"]["step"] == STEPS
-    assert x["model"].keys() == y["model"].keys()
-    for name, tensor in x["model"].items():
-        assert torch.equal(tensor, y["model"][name]), f"{name} differs"  # bitwise
-    for s, t in zip(
-        x["optimizer"]["state"].values(), y["optimizer"]["state"].values(), strict=True
-    ):
-        assert all(torch.equal(s[k], t[k]) for k in s)
-    rows = [[json.loads(line) for line in (d / "metrics.jsonl").open()] for d in (a, b)]
-    keys = ("epoch", "step", "train_loss", "train_nll", "val_bleu4")
-    assert [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]]
+    assert_same_run(a, b, STEPS, ("epoch", "step", "train_loss", "train_nll", "val_bleu4"))
 
 
 def _start(shapes: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
@@ -74,19 +59,6 @@ def _start(shapes: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> int:
-    """Poll the run's log until a checkpoint at `step` or later was saved; return that step."""
-    log = run_dir / "train.log"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        saved = re.findall(r"at step (\d+) \(epoch", log.read_text() if log.is_file() else "")
-        if saved and int(saved[-1]) >= step:
-            return int(saved[-1])
-        assert proc.poll() is None, "training ended before it could be interrupted"
-        time.sleep(0.01)
-    raise AssertionError(f"no checkpoint at step {step} within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +77,7 @@ def test_sigkill_at_a_random_step_then_resume_ends_bitwise_equal(
     step = random.Random().randint(2, STEPS - 6)
     proc = _start(tiny_shapes, run_dir)
     try:
-        _wait_for_step(proc, run_dir, step)
+        wait_for_step(proc, run_dir, step)
         proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was being written, is cut
     finally:
         proc.kill()

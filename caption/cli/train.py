@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from caption.config import check_train_config
-from caption.models.build import build_model
+from caption.data.vocab import Vocabulary
+from caption.errors import CaptionError
+from caption.models.build import build_model, load_captioner
+from caption.models.captioner import Captioner
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
 from caption.speed import Precision, to_channels_last
@@ -46,7 +49,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         absolute_data_paths(d)
         seed_everything(t.seed)
         splits, vocab = read_records(d)
-        model = build_model(cfg.model, len(vocab)).to(dist.device)
+        if cfg.get("init_from"):
+            model, vocab = initial_model(cfg, Path(cfg.init_from))
+            model = model.to(dist.device)
+        else:
+            model = build_model(cfg.model, len(vocab)).to(dist.device)
         if t.channels_last:
             to_channels_last(model)
         dist.broadcast_module(model)  # identical already (same seed); now certainly
@@ -66,6 +73,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             overrides=_overrides(),
         )
         return trainer.fit(resume_path(cfg.resume, run_dir))
+
+
+def initial_model(cfg: DictConfig, path: Path) -> tuple[Captioner, Vocabulary]:
+    """The model and vocabulary of the checkpoint `init_from` names, weights only.
+
+    Its model config replaces `cfg.model`, so that this run's checkpoints describe the model
+    they hold; the data must be resized as that model was trained.
+    """
+    model, vocab, stored = load_captioner(path)
+    if model.image_size != cfg.data.image_size:
+        raise CaptionError(
+            f"init_from: {path} takes {model.image_size}x{model.image_size} images, but "
+            f"data.image_size={cfg.data.image_size}; set data.image_size={model.image_size}"
+        )
+    with open_dict(cfg):
+        cfg.model = stored.model
+    log.info("init_from: the weights, model config and vocabulary of %s", path)
+    return model.train(), vocab
 
 
 def _overrides() -> list[str]:

@@ -28,6 +28,7 @@ from caption.evaluation.grounding import (
     score_caption,
 )
 from caption.evaluation.metrics import bleu
+from caption.metrics import cider_d
 from caption.models.captioner import Captioner
 from caption.models.decoding import Generated
 
@@ -127,9 +128,14 @@ def decode_bank(
 def score_bank(
     model: Captioner, bank: ImageBank, vocab: Vocabulary, **decode: Any
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Decode each image once and score it against all its references with BLEU-1..4."""
+    """Decode each image once and score it against all its references with BLEU-1..4 and
+    CIDEr-D (`caption.metrics.cider_d`: document frequencies of these references, on the
+    dataset's tokens; `caption-evaluate` reports the COCO toolkit's, on PTB tokens)."""
     captions = decode_bank(model, bank, vocab, **decode)
-    metrics = bleu([r.captions for r in bank.records], [c["tokens"] for c in captions])
+    references = [r.captions for r in bank.records]
+    hypotheses = [c["tokens"] for c in captions]
+    metrics = bleu(references, hypotheses)
+    metrics["cider"] = cider_d(hypotheses, references)[0] if hypotheses else 0.0
     return metrics, captions
 
 

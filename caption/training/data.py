@@ -6,13 +6,14 @@ a frozen encoder's annotation vectors computed once, so that epochs run the deco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from caption.data.dataset import CaptionDataset, ImageBank, collate_captions
+from caption.data.dataset import ImageBank, collate_captions
 from caption.data.features import FeatureBank
 from caption.data.formats import absolute_spec, check_images, read_dataset
 from caption.data.records import ImageRecord
@@ -90,9 +91,14 @@ def build_banks(
 
 
 def build_loader(
-    train_set: CaptionDataset, d: DictConfig, seed: int, dist: Dist
+    train_set: Dataset,
+    d: DictConfig,
+    seed: int,
+    dist: Dist,
+    collate: Callable[[Any], Any] = collate_captions,
 ) -> tuple[EpochSampler, DataLoader[Any]]:
-    """This rank's share of each epoch's shuffled caption-image pairs, in batches.
+    """This rank's share of each epoch's shuffled items (the objective's: caption-image pairs,
+    or images), in batches made by `collate`.
 
     The order is rebuilt from the seed and the epoch (`EpochSampler`), so a resumed run reads
     the same batches from the same position.
@@ -102,7 +108,7 @@ def build_loader(
         train_set,
         batch_size=d.batch_size,
         sampler=sampler,
-        collate_fn=collate_captions,
+        collate_fn=collate,
         num_workers=d.num_workers,
         persistent_workers=d.num_workers > 0,  # workers live across epochs
         pin_memory=dist.device.type == "cuda",  # page-locked batches copy to the GPU async

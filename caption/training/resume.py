@@ -32,6 +32,7 @@ from caption.data.vocab import Vocabulary
 from caption.errors import CaptionError, first_line
 from caption.files import advised, atomic_file
 from caption.training.dist import Dist
+from caption.training.objectives import XE_TERMS
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +67,26 @@ def resume_path(spec: str | None, run_dir: Path) -> Path | None:
 # --------------------------------------------------------------------------- progress
 
 
-def fresh_progress() -> dict[str, Any]:
+def fresh_progress(terms: tuple[str, ...] = XE_TERMS) -> dict[str, Any]:
     """Where a run stands: finished epochs and steps, the position inside the next epoch and
-    its running sums, and early stopping's state."""
+    its running sums of the objective's `terms`, and early stopping's state (`best` is the
+    monitored val score of `best_epoch`, `best_bleu4` that epoch's val BLEU-4)."""
     return {
         "epoch": 0,
         "step": 0,
         "position": 0,  # samples of epoch `epoch + 1` already trained on (all ranks together)
-        "partial": fresh_partial(),
+        "partial": fresh_partial(terms),
+        "best": -1.0,
         "best_bleu4": -1.0,
         "best_epoch": -1,
         "bad_epochs": 0,
     }
 
 
-def fresh_partial() -> dict[str, Any]:
+def fresh_partial(terms: tuple[str, ...] = XE_TERMS) -> dict[str, Any]:
     """The running sums of an epoch not yet begun."""
     return {
-        "sums": {"loss": 0.0, "nll": 0.0, "attention_reg": 0.0},
+        "sums": dict.fromkeys(terms, 0.0),
         "batches": 0,
         "images": 0,
         "words": 0,
@@ -142,6 +145,8 @@ def restore(
 def _progress(ckpt: dict[str, Any], path: Path, dist: Dist, batch_size: int) -> dict[str, Any]:
     """The checkpoint's progress, completed with what an older version lacks, and logged."""
     progress = {**fresh_progress(), **ckpt["progress"]}
+    if "best" not in ckpt["progress"]:  # older versions monitored val BLEU-4 alone
+        progress["best"] = progress["best_bleu4"]
     # A checkpoint of an older version lacks newer running sums (the words, for one).
     progress["partial"] = {**fresh_partial(), **progress["partial"]}
     was = (progress.get("world_size", 1), progress.get("batch_size", batch_size))

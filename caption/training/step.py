@@ -1,18 +1,21 @@
-"""The optimizer over the trainable parameters, and one optimizer step across the ranks."""
+"""The optimizer over the trainable parameters, the objective, and one optimizer step across
+the ranks."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from caption.data.dataset import CaptionBatch
-from caption.data.vocab import PAD_ID
+from caption.data.vocab import Vocabulary
 from caption.models.captioner import Captioner
-from caption.speed import Precision, images_to_device
+from caption.speed import Precision
 from caption.training.dist import Dist
-
-LOSS_TERMS = ("loss", "nll", "attention_reg")
+from caption.training.objectives import CrossEntropy, Objective
+from caption.training.scst import SelfCritical
 
 
 def build_optimizer(
@@ -38,8 +41,18 @@ def build_optimizer(
     return instantiate(cfg.optimizer)(params=groups), rest + tunable
 
 
+def build_objective(cfg: DictConfig, train_bank: Any, vocab: Vocabulary) -> Objective:
+    """The objective `trainer.objective` names (`xe` or `scst`), set up on the train bank."""
+    objectives: dict[str, Callable[[], Objective]] = {
+        "xe": CrossEntropy,
+        "scst": lambda: SelfCritical(train_bank, vocab, **cfg.trainer.scst),
+    }
+    return objectives[cfg.trainer.objective]()
+
+
 def train_step(
-    batch: CaptionBatch,
+    batch: Any,
+    objective: Objective,
     model: Captioner,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -47,32 +60,20 @@ def train_step(
     dist: Dist,
     trainer: DictConfig,
     precision: Precision,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], int]:
     """One optimizer step on this rank's batch, gradients summed over the ranks.
 
     Returns:
-        The step's loss terms, of the combined batch of all ranks.
+        The objective's terms, of the combined batch of all ranks; and the words this rank's
+        loss scored.
     """
-    device = dist.device
-    images = images_to_device(batch.images, device, trainer.channels_last)
-    captions = batch.captions.to(device, non_blocking=True)
-    totals = None
-    if dist.enabled:  # divide by the job's words and images, so that grads sum to the total
-        words = (captions[:, 1:] != PAD_ID).sum() if len(captions) else 0
-        totals = dist.all_reduce_sum(torch.tensor([float(words), float(len(images))]))
-        totals = totals.to(device)
-    images_in_step = len(images) if totals is None else totals[1]  # all ranks together
-    if images_in_step == 0:
-        return dict.fromkeys(LOSS_TERMS, 0.0)  # no image read, no step
-    loss = None  # every image of this rank's batch was unreadable: it adds zeros, but takes part
-    values = torch.zeros(3, device=device)
-    if len(images):
-        with precision.autocast():
-            losses = model.loss(images, captions, totals=totals)
-        loss = losses.loss
-        values = torch.stack([losses.loss, losses.nll, losses.attention_reg]).detach().float()
+    with precision.autocast():
+        step = objective.losses(model, batch, dist, trainer.channels_last)
+    if step.images == 0:
+        return dict.fromkeys(objective.terms, 0.0), 0  # no image read, no step
+    # A rank that read no image adds zeros (loss None), but takes part in the collectives.
     precision.step(
-        loss,
+        step.loss,
         optimizer,
         params,
         trainer.grad_clip,
@@ -80,5 +81,5 @@ def train_step(
     )
     scheduler.step()
     dist.average_buffers(model)
-    values = dist.all_reduce_sum(values).tolist()
-    return dict(zip(LOSS_TERMS, values, strict=True))
+    values = dist.all_reduce_sum(step.values).tolist()
+    return dict(zip(objective.terms, values, strict=True)), step.words

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from caption.checkpoint import save_checkpoint
-from caption.data.dataset import CaptionBatch, CaptionDataset, strict_stop
+from caption.data.dataset import strict_stop
 from caption.data.vocab import Vocabulary
 from caption.evaluation.decode import score_bank
 from caption.files import atomic_file
@@ -43,7 +43,7 @@ from caption.training.resume import (
     interrupted,
     restore,
 )
-from caption.training.step import build_optimizer, train_step
+from caption.training.step import build_objective, build_optimizer, train_step
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +117,21 @@ class Trainer:
         self.model, self.vocab, self.val_bank = model, vocab, val_bank
         self.precision, self.overrides = precision, overrides
         self.ckpt_dir, self.metrics_file = run_dir / "checkpoints", run_dir / "metrics.jsonl"
-        self.train_set = CaptionDataset(train_bank, vocab, cfg.data.max_caption_len)
+        self.objective = build_objective(cfg, train_bank, vocab)
+        self.train_set = self.objective.dataset(train_bank, vocab, cfg.data.max_caption_len)
         log.info(
-            "data: %d train images (%d captions), %d val images, vocabulary %d words",
+            "data: %d train images (%d captions), %d val images, vocabulary %d words; "
+            "objective %s, %d items per epoch",
             len(train_bank),
-            len(self.train_set),
+            sum(len(r.captions) for r in train_bank.records),
             len(val_bank),
             len(vocab),
+            self.t.objective,
+            len(self.train_set),
         )
-        self.sampler, self.loader = build_loader(self.train_set, cfg.data, self.t.seed, dist)
+        self.sampler, self.loader = build_loader(
+            self.train_set, cfg.data, self.t.seed, dist, self.objective.collate
+        )
         self.step_samples = cfg.data.batch_size * dist.world_size  # one step, all ranks
         self.optimizer, self.params = build_optimizer(cfg, model)
         total_steps = self.t.max_epochs * len(self.loader)
@@ -140,7 +146,7 @@ class Trainer:
             dist.world_size,
         )
         self.config = OmegaConf.to_container(cfg, resolve=True)
-        self.progress = fresh_progress()
+        self.progress = fresh_progress(self.objective.terms)
         self.intact = Intact()
         self.train_seconds, self.train_images, self.train_words = 0.0, 0, 0
         if dist.enabled:  # the same init everywhere, but each rank its own dropout masks
@@ -207,8 +213,9 @@ class Trainer:
         ended: EpochEnd = "epoch"
         for batch in bar:
             part["skipped"] += report_skipped(batch.skipped, self.cfg.data.strict_images)
-            losses = train_step(
+            losses, words = train_step(
                 batch,
+                self.objective,
                 model,
                 self.optimizer,
                 self.scheduler,
@@ -217,7 +224,7 @@ class Trainer:
                 t,
                 self.precision,
             )
-            self._count(batch, losses)
+            self._count(batch, losses, words)
             speed = part["images"] / (part["seconds"] + time.perf_counter() - start)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", img_s=f"{speed:.0f}", refresh=False)
             if t.max_steps and progress["step"] >= t.max_steps:
@@ -241,7 +248,7 @@ class Trainer:
         part["seconds"] += time.perf_counter() - start
         return ended
 
-    def _count(self, batch: CaptionBatch, losses: dict[str, float]) -> None:
+    def _count(self, batch: Any, losses: dict[str, float], words: int) -> None:
         """Add a step to the epoch's running sums and move the run's position on."""
         progress = self.progress
         part = progress["partial"]
@@ -249,7 +256,7 @@ class Trainer:
             part["sums"][k] += losses[k]
         part["batches"] += 1
         part["images"] += len(batch.images)
-        part["words"] += int(batch.lengths.sum()) - len(batch.lengths)  # <end> included
+        part["words"] += words  # <end> included
         progress["step"] += 1
         progress["position"] = min(len(self.train_set), progress["position"] + self.step_samples)
 
@@ -292,20 +299,26 @@ class Trainer:
         progress = self.progress
         if val is not None:
             row.update({f"val_{k}": v for k, v in val.items()})
-            improved = val["bleu4"] > progress["best_bleu4"]
+            improved = val[self.t.monitor] > progress["best"]
         else:  # no val split: the latest model is the best we know
             improved = True
-        progress.update(epoch=epoch, position=0, partial=fresh_partial())
+        progress.update(epoch=epoch, position=0, partial=fresh_partial(self.objective.terms))
         if improved:
-            progress.update(best_bleu4=row.get("val_bleu4", -1.0), best_epoch=epoch, bad_epochs=0)
+            progress.update(
+                best=row.get(f"val_{self.t.monitor}", -1.0),
+                best_bleu4=row.get("val_bleu4", -1.0),
+                best_epoch=epoch,
+                bad_epochs=0,
+            )
         else:
             progress["bad_epochs"] += 1
         log.info(
-            "epoch %d step %d: loss %.4f, val BLEU-4 %s, %.0f images/s%s",
+            "epoch %d step %d: loss %.4f, val BLEU-4 %s, CIDEr-D %s, %.0f images/s%s",
             epoch,
             progress["step"],
             row["train_loss"],
             f"{row['val_bleu4']:.4f}" if "val_bleu4" in row else "n/a",
+            f"{row['val_cider']:.4f}" if "val_cider" in row else "n/a",
             row["images_per_sec"],
             " (best)" if improved else "",
         )
@@ -318,7 +331,7 @@ class Trainer:
             with self.intact.reported():
                 append_row(self.metrics_file, row)
         if self.t.patience and progress["bad_epochs"] >= self.t.patience:
-            log.info("early stopping: no val BLEU-4 gain in %d epochs", self.t.patience)
+            log.info("early stopping: no val %s gain in %d epochs", self.t.monitor, self.t.patience)
             return True
         return False
 
@@ -351,6 +364,8 @@ class Trainer:
             "steps": progress["step"],
             "best_epoch": progress["best_epoch"],
             "best_val_bleu4": progress["best_bleu4"],
+            "monitor": self.t.monitor,
+            "best_val": progress["best"],
             "train_seconds": seconds,
             "images_per_sec": self.train_images / seconds if seconds else 0.0,
             "words_per_sec": self.train_words / seconds if seconds else 0.0,
