@@ -177,6 +177,7 @@ def phase_train(args: argparse.Namespace, work: Path, device: torch.device) -> d
     from caption.models.build import build_model
     from caption.speed import Precision
     from caption.training.dist import Dist
+    from caption.training.objectives import CrossEntropy
     from caption.training.step import build_optimizer, train_step
     from caption.training.trainer import seed_everything
 
@@ -201,16 +202,17 @@ def phase_train(args: argparse.Namespace, work: Path, device: torch.device) -> d
     optimizer, params = build_optimizer(cfg, model)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=args.warmup_steps + args.steps)
     dist, precision = Dist(device=device), Precision(t.precision, device)
+    xe = CrossEntropy()
     model.train()
     stream = batches(loader)
     for _ in range(args.warmup_steps):  # the allocator, first touch of Adam's state
-        train_step(next(stream), model, optimizer, scheduler, params, dist, t, precision)
+        train_step(next(stream), xe, model, optimizer, scheduler, params, dist, t, precision)
     sync(device)
     steps, n_pairs, words = [], 0, 0
     for _ in range(args.steps):
         start = time.perf_counter()
         batch = next(stream)  # fetching the batch is part of a step, as in caption-train
-        train_step(batch, model, optimizer, scheduler, params, dist, t, precision)
+        train_step(batch, xe, model, optimizer, scheduler, params, dist, t, precision)
         sync(device)
         steps.append(time.perf_counter() - start)
         n_pairs += len(batch.captions)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from caption.data.formats import read_dataset
-from caption.evaluation.metrics import bleu, coco_metrics
+from caption.metrics import bleu, coco_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from caption.evaluation.metrics import bleu
+from caption.metrics import bleu
 
 
 def test_perfect_match_scores_one() -> None:
@@ -36,7 +36,7 @@ def test_no_smoothing_and_length_checks() -> None:
 @pytest.mark.slow
 def test_coco_metrics_end_to_end() -> None:
     """pycocoevalcap's METEOR, ROUGE-L and CIDEr-D run offline with Java on a tiny set."""
-    from caption.evaluation.metrics import coco_metrics
+    from caption.metrics import coco_metrics
 
     refs = [
         [

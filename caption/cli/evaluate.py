@@ -21,7 +21,7 @@ from caption.data.formats import check_images, read_split
 from caption.data.records import SPLITS, ImageRecord
 from caption.errors import CaptionError
 from caption.evaluation.decode import caption_line, decode_bank, grounding_metrics
-from caption.evaluation.metrics import bleu, coco_metrics
+from caption.metrics import bleu, coco_metrics
 from caption.evaluation.results import load_results
 from caption.files import advice, advised, atomic_file
 from caption.models.build import load_captioner

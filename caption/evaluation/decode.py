@@ -27,8 +27,7 @@ from caption.evaluation.grounding import (
     object_vocabulary,
     score_caption,
 )
-from caption.evaluation.metrics import bleu
-from caption.metrics import cider_d
+from caption.metrics import bleu, cider_d
 from caption.models.captioner import Captioner
 from caption.models.decoding import Generated
 

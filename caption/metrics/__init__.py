@@ -1,3 +1,8 @@
-"""TEMP stand-in until the i17-cider branch lands."""
+"""Caption metrics: corpus BLEU (nltk), the COCO toolkit's METEOR, ROUGE-L and CIDEr-D
+(`coco_metrics`, Java), and a pure-Python CIDEr-D equal to the toolkit's (`cider_d`, `CiderD`)
+that is fast enough to be the SCST reward."""
 
-from caption.metrics.cider import CiderD, cider_d  # noqa: F401
+from caption.metrics.cider import CiderD, cider_d
+from caption.metrics.coco import bleu, coco_metrics
+
+__all__ = ["CiderD", "bleu", "cider_d", "coco_metrics"]

@@ -29,7 +29,7 @@ import numpy as np
 from matplotlib import colormaps
 
 from caption.data.images import MAX_PIXELS
-from caption.evaluation.metrics import bleu
+from caption.metrics import bleu
 from caption.files import atomic_file
 from caption.views.attention import (
     CMAP,
