@@ -49,7 +49,10 @@ def main(argv: list[str]) -> int:
     for arg in argv:
         label, sep, path = arg.partition("=")
         if not sep or not Path(path).is_file():
-            print(f"side_by_side: {arg!r} is not LABEL=<caption-evaluate output JSON>", file=sys.stderr)
+            print(
+                f"side_by_side: {arg!r} is not LABEL=<caption-evaluate output JSON>",
+                file=sys.stderr,
+            )
             return 2
         columns.append((label, json.loads(Path(path).read_text())))
     if len(columns) < 2:

@@ -72,11 +72,12 @@ def check_decoding(cfg: DictConfig, prefix: str = "") -> None:
     check_int(cfg, f"{prefix}batch_size", 1)
     check_bool(cfg, f"{prefix}allow_unk")
     check_float(cfg, f"{prefix}length_penalty", 0.0)
+    check_bool(cfg, f"{prefix}block_trigrams")
 
 
 def decoding_options(cfg: DictConfig) -> dict[str, Any]:
     """The decoding options `check_decoding` checked, as keywords of the decoders."""
-    keys = ("strategy", "beam_size", "max_len", "allow_unk", "length_penalty")
+    keys = ("strategy", "beam_size", "max_len", "allow_unk", "length_penalty", "block_trigrams")
     return {key: cfg[key] for key in keys}
 
 

@@ -21,9 +21,9 @@ from caption.data.formats import check_images, read_split
 from caption.data.records import SPLITS, ImageRecord
 from caption.errors import CaptionError
 from caption.evaluation.decode import caption_line, decode_bank, grounding_metrics
-from caption.metrics import bleu, coco_metrics
 from caption.evaluation.results import load_results
 from caption.files import advice, advised, atomic_file
+from caption.metrics import bleu, coco_metrics, repeated_trigram_rate
 from caption.models.build import load_captioner
 from caption.overrides import hydra_command
 from caption.runtime import configure_cpu
@@ -58,9 +58,11 @@ def _records(cfg: DictConfig, train_data: DictConfig | None) -> list[ImageRecord
 def text_metrics(
     records: list[ImageRecord], hypotheses: list[list[str]], cfg: DictConfig
 ) -> dict[str, float]:
-    """BLEU-1..4, and METEOR, ROUGE-L and CIDEr-D unless `coco_metrics=false`."""
+    """BLEU-1..4, and METEOR, ROUGE-L and CIDEr-D unless `coco_metrics=false`; and the
+    fraction of captions that repeat a trigram (`repeated_trigrams`)."""
     references = [r.captions for r in records]
     metrics = bleu(references, hypotheses)
+    metrics["repeated_trigrams"] = repeated_trigram_rate(hypotheses)
     if cfg.coco_metrics:
         metrics.update(
             coco_metrics(
@@ -131,6 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "beam_size": cfg.beam_size if cfg.strategy == "beam" else 1,
         "allow_unk": cfg.allow_unk,
         "length_penalty": cfg.length_penalty,
+        "block_trigrams": cfg.block_trigrams,
     }
     output = Path(cfg.output) if cfg.output else default_output(cfg.checkpoint, cfg.split)
     written: list[Path] = []  # named if a later write fails: those files are whole

@@ -214,6 +214,7 @@ def check_serve_config(cfg: DictConfig) -> None:
     check_int(cfg, "max_len", 1)
     check_bool(cfg, "allow_unk")
     check_float(cfg, "length_penalty", 0.0)
+    check_bool(cfg, "block_trigrams")
     check_int(cfg, "max_pixels", 1)
     check_float(cfg, "max_upload_mb", 0.001)
     check_choice(cfg, "normalize", ("shared", "panel"))
@@ -276,6 +277,7 @@ def create_app(cfg: DictConfig) -> FastAPI:
                 max_len=cfg.max_len,
                 allow_unk=cfg.allow_unk,
                 length_penalty=cfg.length_penalty,
+                block_trigrams=cfg.block_trigrams,
             )
         view = attention_views(model, vocab, gen)[0]
         return {

@@ -87,6 +87,7 @@ def decode_bank(
     device: torch.device | str = "cpu",
     allow_unk: bool = False,
     length_penalty: float = 0.0,
+    block_trigrams: bool = False,
 ) -> list[dict[str, Any]]:
     """Caption every image of `bank` once (`<unk>` only if `allow_unk`, see `generate`).
 
@@ -106,6 +107,7 @@ def decode_bank(
             max_len=max_len,
             allow_unk=allow_unk,
             length_penalty=length_penalty,
+            block_trigrams=block_trigrams,
         )
         alphas = gen.alphas.cpu()  # (B, T, L): one copy per batch; rows below are views of it
         for i, (tokens, log_prob) in enumerate(

@@ -175,6 +175,7 @@ class Captioner(nn.Module):
         temperature: float = 1.0,
         length_penalty: float = 0.0,
         allow_unk: bool = False,
+        block_trigrams: bool = False,
     ) -> Generated:
         """Caption a batch of images; returns the words with their attention.
 
@@ -190,6 +191,8 @@ class Captioner(nn.Module):
                 `<end>` (0 = raw log p).
             allow_unk: let `<unk>` be generated; by default it is forbidden like `<pad>` and
                 `<start>`, since a caption reading "a <unk> on a <unk>" tells a user nothing.
+            block_trigrams: never extend a caption with a word that would repeat one of its
+                trigrams ("a man in a red shirt and a red shirt"), in every strategy.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -197,7 +200,14 @@ class Captioner(nn.Module):
         forbidden = forbidden_words(allow_unk)
         if strategy == "beam" and beam_size > 1:
             return beam_search(
-                self.decoder, annotations, grid, beam_size, max_len, length_penalty, forbidden
+                self.decoder,
+                annotations,
+                grid,
+                beam_size,
+                max_len,
+                length_penalty,
+                forbidden,
+                block_trigrams,
             )
         return sequential(
             self.decoder,
@@ -207,4 +217,5 @@ class Captioner(nn.Module):
             sample=strategy == "sample",
             temperature=temperature,
             forbidden=forbidden,
+            block_trigrams=block_trigrams,
         )

@@ -41,6 +41,7 @@ def sequential(
     sample: bool,
     temperature: float,
     forbidden: list[int],
+    block_trigrams: bool = False,
 ) -> Generated:
     """Greedy decoding, or ancestral sampling at a temperature, never of `forbidden` ids.
 
@@ -52,6 +53,7 @@ def sequential(
         sample: draw each word from p(y_t) / temperature instead of taking the argmax.
         temperature: the softmax temperature, for `sample`.
         forbidden: word ids never emitted.
+        block_trigrams: never emit a word that would repeat a trigram of the caption so far.
     """
     B, L, D = annotations.shape
     memory = dec.attention.prepare(annotations)
@@ -64,6 +66,9 @@ def sequential(
     for _ in range(max_len):
         step = dec.step(y, state, annotations, memory, recurrent)
         logits = _no_specials(step.logits, forbidden)
+        if block_trigrams and len(tokens) >= 3:
+            blocked = repeated_trigram_words(torch.stack(tokens, 1), logits)
+            logits = logits.masked_fill(blocked, -math.inf)
         logp = logits.log_softmax(-1)  # (B, V)
         if sample:
             y = torch.multinomial((logits / temperature).softmax(-1), 1).squeeze(1)
@@ -101,6 +106,7 @@ def beam_search(
     max_len: int,
     length_penalty: float,
     forbidden: list[int],
+    block_trigrams: bool = False,
 ) -> Generated:
     """Beam search over all images at once: the live hypotheses of every image still being
     searched advance as one batch.
@@ -120,7 +126,9 @@ def beam_search(
     none could end within `max_len`, the best live hypothesis (all have `max_len` words, so
     the ranking is that of log p), without `<end>`.
 
-    `grid`, (H', W') of the annotations, is passed on to the result.
+    With `block_trigrams`, an extension that would repeat a trigram of its hypothesis is
+    pruned (log p = -inf), as in self-critical.pytorch. `grid`, (H', W') of the annotations,
+    is passed on to the result.
     """
     B = len(annotations)
     device = annotations.device
@@ -138,11 +146,15 @@ def beam_search(
     best = _Finished.none(B, a)
     trail = _Backpointers()
     settled: list[_Result] = []
+    # (n*k, t) the words of each live hypothesis, kept only to block repeated trigrams.
+    history = y.new_zeros(B, 0) if block_trigrams else None
     for t in range(max_len):
         n, k = scores.shape  # k: live hypotheses per image, 1 at the first step
         step = dec.step(y, state, a, memory, recurrent)
         logits = _no_specials(step.logits, forbidden)
         logp = logits.log_softmax(-1)  # (n*k, V) log-probs, not logits
+        if history is not None and t >= 3:  # pruned, not renormalised: log p stays the model's
+            logp = logp.masked_fill(repeated_trigram_words(history, logp), -math.inf)
         V = logp.shape[-1]
         total = scores.unsqueeze(-1) + logp.view(n, k, V)  # (n, k, V) every extension
         best = best.update(total[..., END_ID], t, length_penalty)
@@ -165,6 +177,8 @@ def beam_search(
             memory = dec.attention.select(memory, keep)
         state = tuple(x[rows.view(-1)] for x in step.state)
         y = word.view(-1)
+        if history is not None:
+            history = torch.cat([history[rows.view(-1)], y.unsqueeze(1)], dim=1)
     return _assemble(settled, trail, grid)
 
 
@@ -314,6 +328,22 @@ def _assemble(settled: list[_Result], trail: _Backpointers, grid: tuple[int, int
     order = result.images.argsort()  # a permutation of the input indices: back to input order
     images, log_prob, last, row, word = (x[order] for x in result)
     return trail.trace(images, last, row, word, log_prob, grid)
+
+
+def repeated_trigram_words(history: Tensor, like: Tensor) -> Tensor:
+    """The words that would repeat a trigram, (B, V) bool (`like`'s shape and device).
+
+    With the words so far h_0 .. h_{t-1} of each row (`history` (B, t), t >= 3), word c would
+    form (h_{t-2}, h_{t-1}, c); it repeats the earlier trigram (h_i, h_{i+1}, h_{i+2}), i <= t-3,
+    when that starts with the same bigram and c = h_{i+2}. `<end>` is never blocked: it ends a
+    caption, so no earlier trigram holds it.
+    """
+    first, second, third = history[:, :-2], history[:, 1:-1], history[:, 2:]  # (B, t-2)
+    match = (first == history[:, -2:-1]) & (second == history[:, -1:])
+    rows, cols = match.nonzero(as_tuple=True)
+    blocked = torch.zeros_like(like, dtype=torch.bool)
+    blocked[rows, third[rows, cols]] = True
+    return blocked
 
 
 def forbidden_words(allow_unk: bool = False) -> list[int]:

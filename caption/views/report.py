@@ -29,8 +29,8 @@ import numpy as np
 from matplotlib import colormaps
 
 from caption.data.images import MAX_PIXELS
-from caption.metrics import bleu
 from caption.files import atomic_file
+from caption.metrics import bleu
 from caption.views.attention import (
     CMAP,
     HARD_COLOR,
