@@ -9,8 +9,6 @@ import shutil
 import warnings
 from collections.abc import Sequence
 
-from nltk.translate.bleu_score import corpus_bleu
-
 from caption.errors import CaptionError
 
 # Cumulative BLEU-n uses uniform weights over 1..n-grams, as the COCO toolkit does.
@@ -33,6 +31,9 @@ def bleu(
         raise ValueError(f"{len(references)} reference sets for {len(hypotheses)} hypotheses")
     if not hypotheses:
         return {f"bleu{n}": 0.0 for n in range(1, 5)}
+    # Imported here: nltk takes 0.8 s to import, and training loads this package for SCST.
+    from nltk.translate.bleu_score import corpus_bleu
+
     # No smoothing: a BLEU-4 of 0 with no 4-gram match is what papers report.
     with warnings.catch_warnings():  # nltk warns on every zero n-gram count
         warnings.simplefilter("ignore", UserWarning)
