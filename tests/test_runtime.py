@@ -46,5 +46,8 @@ def faults(setting: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_training_steps_reuse_freed_memory() -> None:
-    off, on = faults("off"), faults("on")
+    # Fault counts of one run swing by 2x on a busy machine (other processes, thread pools
+    # waking up); the fewest of three runs is each setting's own cost.
+    off = min(faults("off") for _ in range(3))
+    on = min(faults("on") for _ in range(3))
     assert on < off / 2, (off, on)
