@@ -21,7 +21,7 @@ from caption.errors import CaptionError
 from caption.metrics import CiderD
 from caption.models.decoding import forbidden_words
 from caption.training.dist import Dist
-from caption.training.scst import ImageBatch, SelfCritical, rollout, words_of
+from caption.training.scst import ImageBatch, SelfCritical, rollout
 from tests.helpers import BIN, ROOT
 from tests.helpers.cli import run
 from tests.helpers.config import NANO_MODEL, TINY_MODEL, compose_config
@@ -93,11 +93,11 @@ def test_scst_loss_is_the_advantage_weighted_nll_against_a_plain_reference() -> 
     torch.manual_seed(1)  # replay the same draws, then score them straight from the formula
     annotations = model.encode(pixels).repeat_interleave(3, dim=0)
     out = rollout(model.decoder, annotations, max_len=5, forbidden=forbidden_words())
-    hyps = words_of(out.tokens, VOCAB)
+    hyps = [VOCAB.decode(row) for row in out.tokens.tolist()]
     cider = CiderD(REFERENCES)
     r = [float(x) for x in cider.score(hyps, [0, 0, 0, 1, 1, 1])]
     greedy = model.eval().generate(pixels, strategy="greedy", max_len=5)
-    b = [float(x) for x in cider.score(words_of(greedy.tokens, VOCAB), [0, 1])]
+    b = [float(x) for x in cider.score([VOCAB.decode(r) for r in greedy.tokens.tolist()], [0, 1])]
     nll = out.steps.per_caption(out.steps.nll).tolist()
     words = len(out.steps.nll)
     expected = sum((r[k] - b[k // 3]) * nll[k] for k in range(6)) / words

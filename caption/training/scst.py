@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from caption.config import SCST_BASELINES
 from caption.data.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 from caption.errors import CaptionError
 from caption.metrics import CiderD
@@ -37,8 +38,6 @@ from caption.models.decoding import forbidden_words, sequential
 from caption.speed import images_to_device
 from caption.training.dist import Dist
 from caption.training.objectives import StepLosses
-
-BASELINES = ("greedy", "mean")
 
 
 class ImageBatch(NamedTuple):
@@ -135,19 +134,6 @@ def rollout(dec: Decoder, annotations: Tensor, max_len: int, forbidden: list[int
     return Rollout(torch.stack(tokens, 1), steps, torch.cat(alphas))
 
 
-def words_of(tokens: Tensor, vocab: Vocabulary) -> list[list[str]]:
-    """Each row's words up to (not including) `<end>`."""
-    out = []
-    for row in tokens.tolist():
-        words = []
-        for i in row:
-            if i in (END_ID, PAD_ID):
-                break
-            words.append(vocab.itos[i])
-        out.append(words)
-    return out
-
-
 class SelfCritical:
     """The SCST objective on a train bank: N samples per image, CIDEr-D reward, a baseline.
 
@@ -170,8 +156,8 @@ class SelfCritical:
         baseline: str = "greedy",
         max_len: int = 16,
     ) -> None:
-        if baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if baseline not in SCST_BASELINES:
+            raise ValueError(f"baseline must be one of {SCST_BASELINES}, got {baseline!r}")
         if baseline == "mean" and samples < 2:
             raise ValueError("baseline=mean needs samples >= 2: it averages the other samples")
         self.vocab, self.samples, self.baseline, self.max_len = vocab, samples, baseline, max_len
@@ -227,7 +213,7 @@ class SelfCritical:
 
     def _reward(self, tokens: Tensor, ids: list[int], like: Tensor) -> Tensor:
         """CIDEr-D of each caption against its image's training references, as `like`'s dtype."""
-        scores = self.cider.score(words_of(tokens, self.vocab), ids)
+        scores = self.cider.score([self.vocab.decode(row) for row in tokens.tolist()], ids)
         return torch.as_tensor(np.asarray(scores), dtype=like.dtype, device=like.device)
 
     def _baseline(
